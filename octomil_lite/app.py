@@ -1,0 +1,141 @@
+"""Build the Litestar application for one Config: auth and rate limiting, error rendering, routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request, Response
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.openapi import OpenAPIConfig
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from . import __version__
+from .auth import RateLimiter, scope_allows
+from .config import Config
+from .controllers import ModelController, health
+from .errors import Forbidden, OctomilError, RateLimited, Unauthorized
+from .registry import Registry
+from .schemas import ErrorBody
+
+log = logging.getLogger("octomil_lite")
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+                 415: "unsupported_media_type", 422: "bad_request", 429: "rate_limited"}
+
+
+def _error(status: int, code: str, message: str, details: list[Any] | None = None,
+           headers: dict[str, str] | None = None) -> Response[ErrorBody]:
+    return Response(ErrorBody(error=code, message=message, details=details), status_code=status,
+                    headers=headers, media_type="application/json")
+
+
+def _on_octomil_error(request: Request[Any, Any, Any], exc: OctomilError) -> Response[ErrorBody]:
+    if exc.status >= 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
+    return _error(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+
+def _on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorBody]:
+    status = exc.status_code
+    if status >= 500:
+        log.error("%s %s failed: %s", request.method, request.url.path, exc.detail)
+        return _error(500, "internal_error", "An unexpected error occurred; the server log has the details.")
+    code = _STATUS_CODES.get(status, "bad_request")
+    if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
+        first = exc.extra[0]
+        where = {"query": "query parameter", "path": "path parameter", "body": "field"}.get(first.get("source"), "field")
+        message = f"Invalid {where} '{first.get('key')}': {first.get('message')}."
+        return _error(400, "bad_request", message, details=exc.extra)
+    if status == 404:
+        message = f"No such resource: {request.method} {request.url.path}."
+    elif status == 405:
+        message = f"{request.method} is not allowed on {request.url.path}."
+    elif status == 413:
+        message = "The request body is too large."
+    else:
+        message = str(exc.detail)
+    return _error(status, code, message, headers=exc.headers)
+
+
+def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    log.exception("%s %s raised", request.method, request.url.path, exc_info=exc)
+    return _error(500, "internal_error", "An unexpected error occurred; the server log has the details.")
+
+
+def _needed_scope(scope: Scope) -> str | None:
+    """The key scope a request needs, or None for public routes (everything outside /api/v1)."""
+    if not scope["path"].startswith("/api/"):
+        return None
+    opt = scope["route_handler"].opt
+    if "scope" in opt:
+        return str(opt["scope"])
+    return "read" if scope.get("method") in ("GET", "HEAD", "OPTIONS") else "write"
+
+
+def auth_middleware(app: ASGIApp) -> ASGIApp:
+    """Bearer-key authentication, scope check and per-key rate limit for every /api/ route."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        needed = _needed_scope(scope) if scope["type"] == "http" else None
+        if needed is None:
+            await app(scope, receive, send)
+            return
+        state = scope["litestar_app"].state
+        registry: Registry = state.registry
+        limiter: RateLimiter = state.rate_limiter
+        header = ""
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value.decode("latin-1")
+                break
+        scheme, _, key = header.partition(" ")
+        info = await registry.authenticate(key.strip()) if scheme.lower() == "bearer" else None
+        client = scope.get("client")
+        identity = f"key:{info.name}" if info else f"anonymous:{client[0] if client else '-'}"
+        wait = limiter.hit(identity)
+        if wait is not None:
+            raise RateLimited(f"Too many requests; retry in {wait} s.", headers={"Retry-After": str(wait)})
+        if info is None:
+            raise Unauthorized("Send a valid API key as 'Authorization: Bearer <key>' "
+                               "(create one with: octomil-lite keys create --name NAME).",
+                               headers={"WWW-Authenticate": "Bearer"})
+        if not scope_allows(info.scope, needed):
+            raise Forbidden(f"The key '{info.name}' has scope '{info.scope}'; this request needs '{needed}'.")
+        await app(scope, receive, send)
+
+    return middleware
+
+
+def create_app(config: Config) -> Litestar:
+    """One registry application for one configuration."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        app.state.registry = await Registry.open(config)
+        try:
+            yield
+        finally:
+            await app.state.registry.close()
+
+    def provide_registry(state: State) -> Registry:
+        return state.registry  # type: ignore[no-any-return]
+
+    return Litestar(
+        route_handlers=[health, ModelController],
+        lifespan=[lifespan],
+        state=State({"rate_limiter": RateLimiter(config.rate_limit), "conversions": {}}),
+        dependencies={"registry": Provide(provide_registry, sync_to_thread=False)},
+        middleware=[auth_middleware],
+        exception_handlers={OctomilError: _on_octomil_error, HTTPException: _on_http_error,
+                            Exception: _on_unexpected},
+        request_max_body_size=1024 * 1024,
+        openapi_config=OpenAPIConfig(title="octomil-lite", version=__version__, path="/schema"),
+        logging_config=None,
+        debug=False,
+    )

@@ -1,0 +1,197 @@
+"""Content-addressed blob store on local disk: blobs/sha256/<2 hex>/<64 hex>, immutable."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
+from pathlib import Path
+
+from .errors import OctomilError, StorageFull
+
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+FLUSH_BYTES = 4 * 1024 * 1024
+HEAD_BYTES = 64 * 1024
+
+
+def _storage_error(exc: OSError) -> OctomilError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFull("The registry's disk is full; free space in the data directory and try again.")
+    return OctomilError(f"The registry could not write to its data directory ({exc.strerror}).")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StagedBlob:
+    """Bytes on their way into the store: hashed and written to tmp/ in the same pass."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.size = 0
+        self.digest = ""
+        self.head = b""
+        self._sha = hashlib.sha256()
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._pending: asyncio.Future[None] | Future[None] | None = None
+
+    def _flush(self, data: bytes) -> None:
+        self._sha.update(data)
+        view = memoryview(data)
+        while view:
+            assert self._fd is not None
+            view = view[os.write(self._fd, view):]
+
+    async def _drain(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            try:
+                await pending
+            except OSError as exc:
+                raise _storage_error(exc) from exc
+
+    async def write(self, data: bytes) -> None:
+        """Buffer a chunk; full buffers are hashed and written in a thread while more arrive."""
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[: HEAD_BYTES - len(self.head)]
+        self.size += len(data)
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered >= FLUSH_BYTES:
+            await self._drain()
+            chunk = b"".join(self._buffer)
+            self._buffer, self._buffered = [], 0
+            self._pending = asyncio.get_running_loop().run_in_executor(None, self._flush, chunk)
+
+    async def finish(self) -> str:
+        """Write what is left, fsync and close; return the hex digest."""
+        await self._drain()
+        chunk = b"".join(self._buffer)
+        self._buffer, self._buffered = [], 0
+
+        def last() -> None:
+            self._flush(chunk)
+            assert self._fd is not None
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+        try:
+            await asyncio.to_thread(last)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        self.digest = self._sha.hexdigest()
+        return self.digest
+
+    async def discard(self) -> None:
+        """Drop the temp file (after an error or when the bytes are already stored)."""
+        if self._pending is not None:
+            try:
+                await self._pending
+            except OSError:
+                pass
+            self._pending = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.path.unlink(missing_ok=True)
+
+
+class BlobStore:
+    """sha256-addressed files under a data directory; only ever opened by digest."""
+
+    def __init__(self, data_dir: Path):
+        self.root = data_dir / "blobs" / "sha256"
+        self.tmp = data_dir / "tmp"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self._root_uri = self.root.resolve().as_uri()
+
+    def path(self, digest: str) -> Path:
+        if not _DIGEST.fullmatch(digest):
+            raise ValueError(f"not a sha256 digest: {digest!r}")
+        return self.root / digest[:2] / digest
+
+    def uri(self, digest: str) -> str:
+        return f"{self._root_uri}/{digest[:2]}/{digest}"
+
+    def stage(self) -> StagedBlob:
+        try:
+            return StagedBlob(self.tmp / f"upload-{os.getpid()}-{time.monotonic_ns()}-{os.urandom(4).hex()}")
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+
+    async def commit(self, staged: StagedBlob) -> str:
+        """Move finished bytes to their final path (or drop them if already stored); return the digest."""
+
+        def move() -> None:
+            final = self.path(staged.digest)
+            if final.is_file() and not final.is_symlink():
+                staged.path.unlink(missing_ok=True)
+                os.utime(final)  # a fresh mtime keeps a concurrent gc's grace period from taking it
+                return
+            final.parent.mkdir(exist_ok=True)
+            os.chmod(staged.path, 0o444)
+            os.replace(staged.path, final)
+            _fsync_dir(final.parent)
+
+        try:
+            await asyncio.to_thread(move)
+        except OSError as exc:
+            await staged.discard()
+            raise _storage_error(exc) from exc
+        return staged.digest
+
+    def open(self, digest: str) -> int:
+        """A read-only descriptor for a blob; a planted symlink is refused, never followed."""
+        return os.open(self.path(digest), os.O_RDONLY | os.O_NOFOLLOW)
+
+    def exists(self, digest: str) -> bool:
+        path = self.path(digest)
+        return path.is_file() and not path.is_symlink()
+
+    def delete(self, digest: str) -> int:
+        """Remove a blob; return the bytes freed."""
+        path = self.path(digest)
+        try:
+            size = path.lstat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def digests(self) -> Iterator[str]:
+        for shard in self.root.iterdir():
+            if shard.is_dir() and len(shard.name) == 2:
+                for entry in shard.iterdir():
+                    if _DIGEST.fullmatch(entry.name) and entry.name[:2] == shard.name:
+                        yield entry.name
+
+    def sweep_tmp(self, older_than: float | None = None) -> tuple[int, int]:
+        """Delete temp files (all, or those untouched for `older_than` seconds); return (count, bytes)."""
+        count = freed = 0
+        now = time.time()
+        for entry in self.tmp.iterdir():
+            st = entry.lstat()
+            if older_than is not None and now - st.st_mtime < older_than:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            count += 1
+            freed += st.st_size
+        return count, freed

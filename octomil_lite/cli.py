@@ -1,0 +1,135 @@
+"""`octomil-lite` command line: thin wrappers over Registry and the app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TypeVar
+
+import click
+
+from . import __version__
+from .config import Config, default_data_dir
+from .errors import OctomilError
+
+T = TypeVar("T")
+
+
+def _with_registry(config: Config, action: Callable[..., Awaitable[T]]) -> T:
+    from .registry import Registry
+
+    async def run() -> T:
+        registry = await Registry.open(config)
+        try:
+            return await action(registry)
+        finally:
+            await registry.close()
+
+    try:
+        return asyncio.run(run())
+    except OctomilError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+def _size(value: str) -> int:
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    text = value.strip().lower().removesuffix("ib").removesuffix("b")
+    factor = units.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in units else text
+    try:
+        return int(float(number) * factor)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a size (e.g. 20G, 512M, 1048576)") from None
+
+
+data_dir_option = click.option(
+    "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Data directory [default: $OCTOMIL_LITE_HOME, else $XDG_DATA_HOME/octomil-lite or ~/.local/share/octomil-lite]")
+
+
+@click.group()
+@click.version_option(__version__, prog_name="octomil-lite")
+def main() -> None:
+    """octomil-lite: a local model registry speaking the Octomil Models API."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
+@data_dir_option
+@click.option("--max-upload-size", default="20G", show_default=True, help="Largest model file accepted (bytes, or 512M, 20G).")
+@click.option("--rate-limit", default=6000, show_default=True, type=click.IntRange(0),
+              help="Requests per minute per API key; 0 turns the limit off.")
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["critical", "error", "warning", "info", "debug"]))
+@click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
+def serve(host: str, port: int, data_dir: Path | None, max_upload_size: str, rate_limit: int,
+          log_level: str, access_log: bool) -> None:
+    """Run the registry server."""
+    import uvicorn
+
+    from .app import create_app
+
+    config = Config(data_dir=data_dir or default_data_dir(), host=host, port=port,
+                    max_upload_size=_size(max_upload_size), rate_limit=rate_limit)
+
+    async def first_key(registry: object) -> str | None:
+        from .registry import Registry
+
+        assert isinstance(registry, Registry)
+        if await registry.has_keys():
+            return None
+        return await registry.create_key("admin", "admin")
+
+    try:
+        key = _with_registry(config, first_key)
+    except (OSError, RuntimeError) as exc:
+        raise click.ClickException(f"cannot open the data directory {config.data_dir}: {exc}") from None
+    if key:
+        shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+        click.echo(f"Created the first API key (admin scope); it is shown only this once:\n\n  {key}\n\n"
+                   f"Try it:\n  curl -H 'Authorization: Bearer {key}' http://{shown}:{port}/api/v1/models\n")
+    click.echo(f"octomil-lite {__version__}: data in {config.data_dir}, listening on http://{host}:{port}", err=True)
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, access_log=access_log,
+                http="httptools", loop="auto", timeout_graceful_shutdown=5)
+
+
+@main.group()
+def keys() -> None:
+    """Create, list and revoke API keys."""
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="A name to recognise and revoke the key by.")
+@click.option("--scope", type=click.Choice(["read", "write", "admin"]), default="write", show_default=True)
+@data_dir_option
+def keys_create(name: str, scope: str, data_dir: Path | None) -> None:
+    """Create a key and print it (alone, so KEY=$(octomil-lite keys create --name ci) works)."""
+    config = Config(data_dir=data_dir or default_data_dir())
+    click.echo(_with_registry(config, lambda r: r.create_key(name, scope)))
+
+
+@keys.command("list")
+@data_dir_option
+def keys_list(data_dir: Path | None) -> None:
+    """List keys (never the keys themselves)."""
+    config = Config(data_dir=data_dir or default_data_dir())
+    rows = _with_registry(config, lambda r: r.list_keys())
+    click.echo(f"{'NAME':<24} {'PREFIX':<10} {'SCOPE':<6} {'CREATED':<21} REVOKED")
+    for row in rows:
+        click.echo(f"{row['name']:<24} {row['prefix'] + '…':<10} {row['scope']:<6} {row['created_at']:<21} "
+                   f"{row['revoked_at'] or '-'}")
+
+
+@keys.command("revoke")
+@click.argument("name")
+@data_dir_option
+def keys_revoke(name: str, data_dir: Path | None) -> None:
+    """Revoke the active key called NAME."""
+    config = Config(data_dir=data_dir or default_data_dir())
+    _with_registry(config, lambda r: r.revoke_key(name))
+    click.echo(f"revoked {name}", err=True)

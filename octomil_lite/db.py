@@ -1,0 +1,209 @@
+"""SQLite metadata: one writer connection, one reader, WAL; every query of the registry lives here."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE models (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        framework TEXT,
+        framework_version TEXT,
+        description TEXT,
+        is_baseline INTEGER NOT NULL DEFAULT 0,
+        round_id TEXT,
+        accuracy REAL,
+        loss REAL,
+        created_at TEXT NOT NULL,
+        next_version INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX models_by_framework ON models(framework, seq);
+    CREATE INDEX models_by_baseline ON models(is_baseline, seq);
+    CREATE TABLE versions (
+        seq INTEGER PRIMARY KEY,
+        model_seq INTEGER NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
+        number INTEGER NOT NULL,
+        format TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        description TEXT,
+        uploaded_at TEXT NOT NULL,
+        UNIQUE (model_seq, number)
+    );
+    CREATE INDEX versions_by_digest ON versions(digest);
+    CREATE TABLE api_keys (
+        seq INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        key_hash TEXT NOT NULL UNIQUE,
+        prefix TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        revoked_at TEXT
+    );
+    CREATE UNIQUE INDEX api_keys_active_name ON api_keys(name) WHERE revoked_at IS NULL;
+    """,
+]
+
+_MODEL_COLUMNS = """
+    m.seq, m.id, m.framework, m.framework_version, m.description, m.is_baseline, m.round_id,
+    m.accuracy, m.loss, m.created_at, v.digest AS digest, v.size AS size
+"""
+_LATEST_JOIN = """
+    LEFT JOIN versions v ON v.seq = (SELECT seq FROM versions WHERE model_seq = m.seq ORDER BY number DESC LIMIT 1)
+"""
+
+Row = dict[str, Any]
+
+
+def _dict_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
+    return {col[0]: value for col, value in zip(cursor.description, row)}
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    conn = await aiosqlite.connect(path, isolation_level=None)
+    conn.row_factory = _dict_factory
+    await conn.execute("PRAGMA busy_timeout = 10000")
+    await conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def migrate(path: Path) -> None:
+    """Create or upgrade the schema (PRAGMA user_version counts the migrations applied)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("BEGIN IMMEDIATE")
+        current = conn.execute("PRAGMA user_version").fetchone()[0]
+        if current > len(MIGRATIONS):
+            conn.execute("ROLLBACK")
+            raise RuntimeError(f"{path} was written by a newer octomil-lite (schema {current}); upgrade octomil-lite")
+        for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            for statement in filter(str.strip, script.split(";")):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+class Database:
+    """The registry's metadata store; writes are serialised through one connection."""
+
+    def __init__(self, reader: aiosqlite.Connection, writer: aiosqlite.Connection):
+        self._reader = reader
+        self._writer = writer
+        self._write_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path) -> Database:
+        await asyncio.to_thread(migrate, path)
+        writer = await _connect(path)
+        await writer.execute("PRAGMA synchronous = FULL")
+        reader = await _connect(path)
+        return cls(reader, writer)
+
+    async def close(self) -> None:
+        await self._reader.close()
+        await self._writer.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._write_lock:
+            await self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+            except BaseException:
+                await self._writer.execute("ROLLBACK")
+                raise
+            await self._writer.execute("COMMIT")
+
+    async def _one(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
+        rows = await self._reader.execute_fetchall(sql, tuple(params))
+        return rows[0] if rows else None  # type: ignore[index]
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        return list(await self._reader.execute_fetchall(sql, tuple(params)))  # type: ignore[arg-type]
+
+    # models
+
+    async def insert_model(self, row: Row) -> None:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        async with self.transaction() as conn:
+            await conn.execute(f"INSERT INTO models ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    async def get_model(self, model_id: str) -> Row | None:
+        return await self._one(f"SELECT {_MODEL_COLUMNS} FROM models m {_LATEST_JOIN} WHERE m.id = ?", (model_id,))
+
+    async def list_models(self, limit: int, offset: int, framework: str | None,
+                          is_baseline: bool | None) -> tuple[list[Row], int]:
+        where, params = [], []
+        if framework is not None:
+            where.append("m.framework = ?")
+            params.append(framework)
+        if is_baseline is not None:
+            where.append("m.is_baseline = ?")
+            params.append(int(is_baseline))
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = await self._all(
+            f"SELECT {_MODEL_COLUMNS} FROM (SELECT * FROM models m {clause} ORDER BY m.seq DESC LIMIT ? OFFSET ?) m "
+            f"{_LATEST_JOIN} ORDER BY m.seq DESC", (*params, limit, offset))
+        total = await self._one(f"SELECT count(*) AS n FROM models m {clause}", params)
+        return rows, total["n"] if total else 0
+
+    # versions
+
+    async def list_versions(self, model_seq: int) -> list[Row]:
+        return await self._all("SELECT * FROM versions WHERE model_seq = ? ORDER BY number", (model_seq,))
+
+    async def get_version(self, model_seq: int, number: int) -> Row | None:
+        return await self._one("SELECT * FROM versions WHERE model_seq = ? AND number = ?", (model_seq, number))
+
+    async def insert_version(self, model_seq: int, row: Row) -> int | None:
+        """Insert the model's next version; return its number (None if the model is gone)."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE models SET next_version = next_version + 1 WHERE seq = ? RETURNING next_version - 1 AS number",
+                (model_seq,))
+            found = await cur.fetchone()
+            if found is None:
+                return None
+            number = found["number"]  # type: ignore[index]
+            full = {"model_seq": model_seq, "number": number, **row}
+            await conn.execute(f"INSERT INTO versions ({', '.join(full)}) VALUES ({', '.join('?' for _ in full)})",
+                               tuple(full.values()))
+            return int(number)
+
+    # api keys
+
+    async def insert_key(self, row: Row) -> None:
+        async with self.transaction() as conn:
+            await conn.execute("INSERT INTO api_keys (name, key_hash, prefix, scope, created_at) VALUES (?, ?, ?, ?, ?)",
+                               (row["name"], row["key_hash"], row["prefix"], row["scope"], row["created_at"]))
+
+    async def find_key(self, key_hash: str) -> Row | None:
+        return await self._one("SELECT * FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))
+
+    async def list_keys(self) -> list[Row]:
+        return await self._all("SELECT name, prefix, scope, created_at, revoked_at FROM api_keys ORDER BY seq")
+
+    async def revoke_key(self, name: str, when: str) -> bool:
+        async with self.transaction() as conn:
+            cur = await conn.execute("UPDATE api_keys SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                                     (when, name))
+            return cur.rowcount > 0
+
+    async def count_active_keys(self) -> int:
+        row = await self._one("SELECT count(*) AS n FROM api_keys WHERE revoked_at IS NULL")
+        return row["n"] if row else 0

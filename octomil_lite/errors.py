@@ -1,0 +1,58 @@
+"""Domain errors: each carries its HTTP status and the spec's error code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class OctomilError(Exception):
+    """Base of every error a client may see."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, *, details: list[Any] | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.headers = headers or {}
+
+
+class BadRequest(OctomilError):
+    status = 400
+    code = "bad_request"
+
+
+class Unauthorized(OctomilError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(OctomilError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(OctomilError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(OctomilError):
+    status = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(OctomilError):
+    status = 413
+    code = "payload_too_large"
+
+
+class RateLimited(OctomilError):
+    status = 429
+    code = "rate_limited"
+
+
+class StorageFull(OctomilError):
+    status = 507
+    code = "insufficient_storage"

@@ -1,0 +1,72 @@
+"""Child-process entry point: `python -I -m octomil_lite.worker TASK` reads a JSON payload on stdin.
+
+Only ever started by `sandbox.run_task`; it prints one JSON object as its last stdout line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def check_onnx(payload: dict[str, Any]) -> dict[str, Any]:
+    """Validate an uploaded ONNX file without following any external-data reference."""
+    import onnx
+
+    try:
+        model = onnx.load(payload["path"], load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
+        return {"ok": False, "reason": f"not a readable ONNX model ({type(exc).__name__})"}
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
+            return {"ok": False, "reason": f"tensor '{tensor.name}' references external data; upload a self-contained model"}
+    try:
+        onnx.checker.check_model(model, full_check=False)
+    except Exception as exc:  # noqa: BLE001
+        return {"ok": False, "reason": f"fails onnx.checker: {str(exc).splitlines()[0][:300]}"}
+    return {"ok": True, "signature": onnx_signature(model)}
+
+
+def _all_tensors(model: Any) -> Any:
+    from onnx.external_data_helper import _get_all_tensors
+
+    return _get_all_tensors(model)
+
+
+def onnx_signature(model: Any) -> dict[str, Any]:
+    """Names, element types and shapes of a model's graph inputs and outputs."""
+    import onnx
+
+    initializers = {t.name for t in model.graph.initializer}
+
+    def describe(values: Any) -> list[dict[str, Any]]:
+        out = []
+        for v in values:
+            if v.name in initializers:
+                continue
+            tt = v.type.tensor_type
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+            elem = onnx.TensorProto.DataType.Name(tt.elem_type).lower() if tt.elem_type else None
+            out.append({"name": v.name, "type": elem, "shape": shape})
+        return out
+
+    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+
+
+def main() -> None:
+    task = sys.argv[1]
+    payload = json.loads(sys.stdin.read())
+    if task == "check-onnx":
+        result = check_onnx(payload)
+    elif task == "convert":
+        from octomil_lite.convert import run_job
+
+        result = run_job(payload)
+    else:
+        raise SystemExit(f"unknown task {task}")
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -133,3 +133,7 @@ def keys_revoke(name: str, data_dir: Path | None) -> None:
     config = Config(data_dir=data_dir or default_data_dir())
     _with_registry(config, lambda r: r.revoke_key(name))
     click.echo(f"revoked {name}", err=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,7 @@ from . import auth, formats
 from .blobstore import BlobStore, StagedBlob
 from .config import Config
 from .db import Database, Row
-from .errors import BadRequest, Conflict, NotFound
+from .errors import BadRequest, Conflict, NotFound, OctomilError
 from .sandbox import Limits, SandboxError, run_task
 from .schemas import (
     DOWNLOAD_FORMATS,
@@ -179,6 +179,14 @@ class Registry:
         if fmt in ("original", found["format"]) or (fmt == "onnx" and found["kind"] == "onnx"):
             return Artifact(found["digest"], found["size"], f"model_v{number}{kind.ext}")
         raise NotFound(f"Version {number} is not available as {fmt}: conversion to {fmt} is not supported yet.")
+
+    def open_artifact(self, artifact: Artifact) -> int:
+        """A read-only descriptor on the artifact's blob."""
+        try:
+            return self.blobs.open(artifact.digest)
+        except OSError as exc:
+            raise OctomilError(f"The stored bytes of {artifact.filename} are missing or unreadable ({exc.strerror}); "
+                               "run 'octomil-lite verify'.") from None
 
     # api keys
 

@@ -1,0 +1,130 @@
+"""Fixtures: real registries on tmp_path, served in-process or by a real `octomil-lite serve`."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from litestar.testing import AsyncTestClient
+
+from octomil_lite.app import create_app
+from octomil_lite.config import Config
+from octomil_lite.registry import Registry
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Config:
+    return Config(data_dir=tmp_path / "data", rate_limit=0)
+
+
+class Api:
+    """An in-process client plus keys of each scope."""
+
+    def __init__(self, client: AsyncTestClient[Any], registry: Registry, keys: dict[str, str]):
+        self.client = client
+        self.registry = registry
+        self.keys = keys
+        self.headers = bearer(keys["admin"])
+
+    async def create_model(self, **body: Any) -> dict[str, Any]:
+        resp = await self.client.post("/api/v1/models", json=body, headers=self.headers)
+        assert resp.status_code == 201, resp.text
+        return resp.json()  # type: ignore[no-any-return]
+
+    async def upload(self, model_id: str, content: bytes, filename: str = "model.bin",
+                     expect: int | None = 201, **fields: str) -> httpx.Response:
+        resp = await self.client.post(f"/api/v1/models/{model_id}/versions/upload", headers=self.headers,
+                                      files={"file": (filename, content)}, data=fields)
+        if expect is not None:
+            assert resp.status_code == expect, resp.text
+        return resp
+
+
+@pytest.fixture
+async def api(config: Config) -> AsyncIterator[Api]:
+    async with AsyncTestClient(app=create_app(config)) as client:
+        registry: Registry = client.app.state.registry
+        keys = {scope: await registry.create_key(f"test-{scope}", scope) for scope in ("read", "write", "admin")}
+        yield Api(client, registry, keys)
+
+
+@pytest.fixture(scope="session")
+def sklearn_pickle() -> bytes:
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.RandomState(0)
+    model = LogisticRegression().fit(rng.rand(40, 4), [0, 1] * 20)
+    return pickle.dumps(model)
+
+
+@pytest.fixture(scope="session")
+def onnx_bytes() -> bytes:
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LinearRegression
+
+    rng = np.random.RandomState(0)
+    x = rng.rand(20, 3).astype(np.float32)
+    model = LinearRegression().fit(x, x.sum(axis=1))
+    return to_onnx(model, x[:1]).SerializeToString()  # type: ignore[no-any-return]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A real `octomil-lite serve` subprocess on a free port."""
+
+    def __init__(self, data_dir: Path, *args: str):
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "OCTOMIL_LITE_HOME": str(data_dir)}
+        self.log = data_dir.parent / f"serve-{self.port}.log"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "octomil_lite.cli", "serve", "--port", str(self.port), *args],
+            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.05)
+            if self.proc.poll() is not None:
+                break
+        raise RuntimeError(f"server did not start: {self.log.read_text()}")
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    srv = Server(tmp_path / "data")
+    yield srv
+    srv.stop()

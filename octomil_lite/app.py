@@ -11,16 +11,17 @@ from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
-from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Receive, Scope, Send
 
-from . import __version__
 from .auth import RateLimiter, scope_allows
 from .config import Config
 from .controllers import ModelController, health
+from .convert import available_conversions
 from .errors import Forbidden, OctomilError, RateLimited, Unauthorized
 from .registry import Registry
 from .schemas import ErrorBody
+from .web import openapi_config
+from .web import route_handlers as web_routes
 
 log = logging.getLogger("octomil_lite")
 
@@ -118,6 +119,7 @@ def create_app(config: Config) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.registry = await Registry.open(config)
+        await app.state.registry.start()
         try:
             yield
         finally:
@@ -127,15 +129,15 @@ def create_app(config: Config) -> Litestar:
         return state.registry  # type: ignore[no-any-return]
 
     return Litestar(
-        route_handlers=[health, ModelController],
+        route_handlers=[health, ModelController, *web_routes],
         lifespan=[lifespan],
-        state=State({"rate_limiter": RateLimiter(config.rate_limit), "conversions": {}}),
+        state=State({"rate_limiter": RateLimiter(config.rate_limit), "conversions": available_conversions()}),
         dependencies={"registry": Provide(provide_registry, sync_to_thread=False)},
         middleware=[auth_middleware],
         exception_handlers={OctomilError: _on_octomil_error, HTTPException: _on_http_error,
                             Exception: _on_unexpected},
         request_max_body_size=1024 * 1024,
-        openapi_config=OpenAPIConfig(title="octomil-lite", version=__version__, path="/schema"),
+        openapi_config=openapi_config(),
         logging_config=None,
         debug=False,
     )

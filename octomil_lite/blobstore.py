@@ -37,13 +37,13 @@ def _fsync_dir(path: Path) -> None:
 class StagedBlob:
     """Bytes on their way into the store: hashed and written to tmp/ in the same pass."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, fd: int | None):
         self.path = path
         self.size = 0
         self.digest = ""
         self.head = b""
         self._sha = hashlib.sha256()
-        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        self._fd = fd
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._pending: asyncio.Future[None] | Future[None] | None = None
@@ -130,7 +130,8 @@ class BlobStore:
 
     def stage(self) -> StagedBlob:
         try:
-            return StagedBlob(self.tmp / f"upload-{os.getpid()}-{time.monotonic_ns()}-{os.urandom(4).hex()}")
+            path = self.tmp / f"upload-{os.getpid()}-{time.monotonic_ns()}-{os.urandom(4).hex()}"
+            return StagedBlob(path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         except OSError as exc:
             raise _storage_error(exc) from exc
 
@@ -154,6 +155,21 @@ class BlobStore:
             await staged.discard()
             raise _storage_error(exc) from exc
         return staged.digest
+
+    async def stage_file(self, path: Path) -> StagedBlob:
+        """Stage a finished file already under tmp/ (a conversion's output): hash and fsync it in place."""
+
+        def hash_file() -> StagedBlob:
+            staged = StagedBlob(path, None)
+            sha = hashlib.sha256()
+            with open(path, "rb", buffering=0) as f:
+                while data := f.read(FLUSH_BYTES):
+                    sha.update(data)
+                os.fsync(f.fileno())
+            staged.digest, staged.size = sha.hexdigest(), path.stat().st_size
+            return staged
+
+        return await asyncio.to_thread(hash_file)
 
     def open(self, digest: str) -> int:
         """A read-only descriptor for a blob; a planted symlink is refused, never followed."""

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 import click
 
 from . import __version__
+from .cli_client import CLIENT_COMMANDS
 from .config import Config, default_data_dir
 from .errors import OctomilError
 
@@ -134,6 +134,9 @@ def keys_revoke(name: str, data_dir: Path | None) -> None:
     _with_registry(config, lambda r: r.revoke_key(name))
     click.echo(f"revoked {name}", err=True)
 
+
+for command in CLIENT_COMMANDS:
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
-from litestar import Controller, Request, get, post
-from litestar.exceptions import InternalServerException
+from litestar import Controller, HttpMethod, Request, delete, get, patch, post, route
 from litestar.di import NamedDependency
+from litestar.exceptions import InternalServerException
 from litestar.params import FromPath, FromQuery, QueryParameter
 
 from . import __version__
 from .errors import BadRequest, PayloadTooLarge
 from .registry import Registry
-from .responses import BlobResponse
-from .schemas import CreateModel, Health, ModelDetail, ModelList, Model, UploadedVersion, UploadForm
-from .uploads import FORM_OVERHEAD, boundary_of, receive_upload
+from .responses import BlobResponse, blob_response
+from .schemas import CreateModel, Health, Model, ModelDetail, ModelList, UpdateModel, UploadedVersion, VersionDetail
+from .uploads import FORM_OVERHEAD, boundary_of, receive_upload, upload_form
+
+T = TypeVar("T")
 
 
 @get("/health", opt={"public": True}, sync_to_thread=False)
@@ -32,11 +34,17 @@ async def _chunks(request: Request[Any, Any, Any]) -> Any:
         raise BadRequest("The client disconnected before the upload finished.") from None
 
 
-def _body_error(exc: msgspec.ValidationError) -> BadRequest:
-    problem, _, where = str(exc).partition(" - at `$.")
-    if not where:
-        return BadRequest(f"The request body must be a JSON object ({problem}).")
-    return BadRequest(f"Invalid field '{where.rstrip('`')}': {problem}.")
+def _decode(body: bytes, schema: type[T]) -> T:
+    """Strict JSON decoding: a wrong type is a 400 naming the field, never a silent coercion."""
+    try:
+        return msgspec.json.decode(body or b"{}", type=schema, strict=True)
+    except msgspec.ValidationError as exc:
+        problem, _, where = str(exc).partition(" - at `$.")
+        if not where:
+            raise BadRequest(f"The request body must be a JSON object ({problem}).") from None
+        raise BadRequest(f"Invalid field '{where.rstrip('`')}': {problem}.") from None
+    except msgspec.DecodeError:
+        raise BadRequest("The request body must be a JSON object.") from None
 
 
 class ModelController(Controller):
@@ -55,14 +63,26 @@ class ModelController(Controller):
 
     @post("/", opt={"scope": "write"}, status_code=201)
     async def create_model(self, request: Request[Any, Any, Any], registry: NamedDependency[Registry]) -> Model:
-        body = await request.body()
-        try:
-            req = msgspec.json.decode(body or b"{}", type=CreateModel, strict=True)
-        except msgspec.ValidationError as exc:
-            raise _body_error(exc) from None
-        except msgspec.DecodeError:
-            raise BadRequest("The request body must be a JSON object.") from None
-        return await registry.create_model(req)
+        return await registry.create_model(_decode(await request.body(), CreateModel))
+
+    @patch("/{model_id:str}", opt={"scope": "write"})
+    async def update_model(self, model_id: FromPath[str], request: Request[Any, Any, Any],
+                           registry: NamedDependency[Registry]) -> Model:
+        return await registry.update_model(model_id, _decode(await request.body(), UpdateModel))
+
+    @delete("/{model_id:str}", opt={"scope": "write"}, status_code=204)
+    async def delete_model(self, model_id: FromPath[str], registry: NamedDependency[Registry]) -> None:
+        await registry.delete_model(model_id)
+
+    @get("/{model_id:str}/versions/{version:str}", opt={"scope": "read"})
+    async def get_version(self, model_id: FromPath[str], version: FromPath[str],
+                          registry: NamedDependency[Registry]) -> VersionDetail:
+        return await registry.get_version(model_id, version)
+
+    @delete("/{model_id:str}/versions/{version:str}", opt={"scope": "write"}, status_code=204)
+    async def delete_version(self, model_id: FromPath[str], version: FromPath[str],
+                             registry: NamedDependency[Registry]) -> None:
+        await registry.delete_version(model_id, version)
 
     @get("/{model_id:str}", opt={"scope": "read"})
     async def get_model(self, model_id: FromPath[str], registry: NamedDependency[Registry]) -> ModelDetail:
@@ -79,20 +99,15 @@ class ModelController(Controller):
                                   "(octomil-lite serve --max-upload-size).")
         parsed = await receive_upload(_chunks(request), boundary, limit, registry.stage_upload)
         assert parsed.staged is not None
-        fields = parsed.fields
-        form = UploadForm(format=fields.get("format") or None, description=fields.get("description"))
         try:
-            return await registry.upload_version(model_id, parsed.staged, parsed.filename, form)
+            return await registry.upload_version(model_id, parsed.staged, parsed.filename, upload_form(parsed.fields))
         finally:
             await parsed.staged.discard()
 
-    @get("/{model_id:str}/versions/{version:str}/download", opt={"scope": "read"})
-    async def download(self, model_id: FromPath[str], version: FromPath[str], registry: NamedDependency[Registry],
-                       format: FromQuery[str | None] = None) -> BlobResponse:
+    @route("/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],
+           opt={"scope": "read"})
+    async def download(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
+                       registry: NamedDependency[Registry], format: FromQuery[str | None] = None) -> BlobResponse:
         artifact = await registry.find_artifact(model_id, version, format)
         fd = registry.open_artifact(artifact)
-        return BlobResponse(fd, artifact.size, {
-            "content-type": "application/octet-stream",
-            "content-disposition": f'attachment; filename="{artifact.filename}"',
-            "x-model-hash": artifact.hash,
-        })
+        return blob_response(fd, artifact.size, artifact.digest, artifact.filename, request.method, request.headers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,8 @@ MIGRATIONS: list[str] = [
     CREATE TABLE models (
         seq INTEGER PRIMARY KEY,
         id TEXT NOT NULL UNIQUE,
+        name TEXT,
+        use_case TEXT,
         framework TEXT,
         framework_version TEXT,
         description TEXT,
@@ -26,21 +28,44 @@ MIGRATIONS: list[str] = [
         created_at TEXT NOT NULL,
         next_version INTEGER NOT NULL DEFAULT 1
     );
+    CREATE UNIQUE INDEX models_by_name ON models(name) WHERE name IS NOT NULL;
     CREATE INDEX models_by_framework ON models(framework, seq);
     CREATE INDEX models_by_baseline ON models(is_baseline, seq);
     CREATE TABLE versions (
         seq INTEGER PRIMARY KEY,
         model_seq INTEGER NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
         number INTEGER NOT NULL,
+        label TEXT,
         format TEXT NOT NULL,
         kind TEXT NOT NULL,
         digest TEXT NOT NULL,
         size INTEGER NOT NULL,
         description TEXT,
+        round_id TEXT,
+        accuracy REAL,
+        loss REAL,
+        input_shape TEXT,
         uploaded_at TEXT NOT NULL,
         UNIQUE (model_seq, number)
     );
+    CREATE UNIQUE INDEX versions_by_label ON versions(model_seq, label) WHERE label IS NOT NULL;
     CREATE INDEX versions_by_digest ON versions(digest);
+    CREATE TABLE artifacts (
+        seq INTEGER PRIMARY KEY,
+        version_seq INTEGER NOT NULL REFERENCES versions(seq) ON DELETE CASCADE,
+        format TEXT NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT,
+        digest TEXT,
+        size INTEGER,
+        parity TEXT,
+        signature TEXT,
+        converter TEXT,
+        updated_at TEXT NOT NULL,
+        UNIQUE (version_seq, format)
+    );
+    CREATE INDEX artifacts_by_status ON artifacts(status, seq);
+    CREATE INDEX artifacts_by_digest ON artifacts(digest);
     CREATE TABLE api_keys (
         seq INTEGER PRIMARY KEY,
         name TEXT NOT NULL,
@@ -55,7 +80,7 @@ MIGRATIONS: list[str] = [
 ]
 
 _MODEL_COLUMNS = """
-    m.seq, m.id, m.framework, m.framework_version, m.description, m.is_baseline, m.round_id,
+    m.seq, m.id, m.name, m.use_case, m.framework, m.framework_version, m.description, m.is_baseline, m.round_id,
     m.accuracy, m.loss, m.created_at, v.digest AS digest, v.size AS size
 """
 _LATEST_JOIN = """
@@ -63,6 +88,7 @@ _LATEST_JOIN = """
 """
 
 Row = dict[str, Any]
+Publish = Callable[[], Awaitable[None]]
 
 
 def _dict_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
@@ -97,6 +123,14 @@ def migrate(path: Path) -> None:
         conn.close()
 
 
+def _insert(table: str, row: Row) -> tuple[str, tuple[Any, ...]]:
+    return f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
+
+
+def _assignments(fields: Row) -> str:
+    return ", ".join(f"{name} = ?" for name in fields)
+
+
 class Database:
     """The registry's metadata store; writes are serialised through one connection."""
 
@@ -119,6 +153,7 @@ class Database:
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE on the writer: also excludes a concurrent `gc` in another process."""
         async with self._write_lock:
             await self._writer.execute("BEGIN IMMEDIATE")
             try:
@@ -138,10 +173,8 @@ class Database:
     # models
 
     async def insert_model(self, row: Row) -> None:
-        cols = ", ".join(row)
-        marks = ", ".join("?" for _ in row)
         async with self.transaction() as conn:
-            await conn.execute(f"INSERT INTO models ({cols}) VALUES ({marks})", tuple(row.values()))
+            await conn.execute(*_insert("models", row))
 
     async def get_model(self, model_id: str) -> Row | None:
         return await self._one(f"SELECT {_MODEL_COLUMNS} FROM models m {_LATEST_JOIN} WHERE m.id = ?", (model_id,))
@@ -162,16 +195,32 @@ class Database:
         total = await self._one(f"SELECT count(*) AS n FROM models m {clause}", params)
         return rows, total["n"] if total else 0
 
+    async def update_model(self, model_seq: int, fields: Row) -> None:
+        if fields:
+            async with self.transaction() as conn:
+                await conn.execute(f"UPDATE models SET {_assignments(fields)} WHERE seq = ?",
+                                   (*fields.values(), model_seq))
+
+    async def delete_model(self, model_seq: int) -> bool:
+        async with self.transaction() as conn:
+            return (await conn.execute("DELETE FROM models WHERE seq = ?", (model_seq,))).rowcount > 0
+
     # versions
 
     async def list_versions(self, model_seq: int) -> list[Row]:
         return await self._all("SELECT * FROM versions WHERE model_seq = ? ORDER BY number", (model_seq,))
 
-    async def get_version(self, model_seq: int, number: int) -> Row | None:
-        return await self._one("SELECT * FROM versions WHERE model_seq = ? AND number = ?", (model_seq, number))
+    async def get_version(self, model_seq: int, *, number: int | None = None, label: str | None = None) -> Row | None:
+        """A version by number, by label, or (neither given) the newest."""
+        if number is not None:
+            return await self._one("SELECT * FROM versions WHERE model_seq = ? AND number = ?", (model_seq, number))
+        if label is not None:
+            return await self._one("SELECT * FROM versions WHERE model_seq = ? AND label = ?", (model_seq, label))
+        return await self._one("SELECT * FROM versions WHERE model_seq = ? ORDER BY number DESC LIMIT 1", (model_seq,))
 
-    async def insert_version(self, model_seq: int, row: Row) -> int | None:
-        """Insert the model's next version; return its number (None if the model is gone)."""
+    async def insert_version(self, model_seq: int, row: Row, model_fields: Row, artifacts: list[Row],
+                             publish: Publish) -> int | None:
+        """Publish the blob, then add the model's next version, atomically; None if the model is gone."""
         async with self.transaction() as conn:
             cur = await conn.execute(
                 "UPDATE models SET next_version = next_version + 1 WHERE seq = ? RETURNING next_version - 1 AS number",
@@ -179,18 +228,85 @@ class Database:
             found = await cur.fetchone()
             if found is None:
                 return None
-            number = found["number"]  # type: ignore[index]
-            full = {"model_seq": model_seq, "number": number, **row}
-            await conn.execute(f"INSERT INTO versions ({', '.join(full)}) VALUES ({', '.join('?' for _ in full)})",
-                               tuple(full.values()))
-            return int(number)
+            number: int = found["number"]  # type: ignore[index]
+            await publish()
+            cur = await conn.execute(*_insert("versions", {"model_seq": model_seq, "number": number, **row}))
+            version_seq = cur.lastrowid
+            if model_fields:
+                await conn.execute(f"UPDATE models SET {_assignments(model_fields)} WHERE seq = ?",
+                                   (*model_fields.values(), model_seq))
+            for artifact in artifacts:
+                await conn.execute(*_insert("artifacts", {"version_seq": version_seq, **artifact}))
+            return number
+
+    async def delete_version(self, version_seq: int) -> bool:
+        async with self.transaction() as conn:
+            return (await conn.execute("DELETE FROM versions WHERE seq = ?", (version_seq,))).rowcount > 0
+
+    # artifacts (converted formats) and their conversion jobs
+
+    async def list_artifacts(self, version_seq: int) -> list[Row]:
+        return await self._all("SELECT * FROM artifacts WHERE version_seq = ? ORDER BY seq", (version_seq,))
+
+    async def request_artifact(self, version_seq: int, fmt: str, when: str) -> Row:
+        """The artifact row for (version, format), creating it as a pending job if it does not exist."""
+        async with self.transaction() as conn:
+            await conn.execute("INSERT OR IGNORE INTO artifacts (version_seq, format, status, updated_at) "
+                               "VALUES (?, ?, 'pending', ?)", (version_seq, fmt, when))
+            cur = await conn.execute("SELECT * FROM artifacts WHERE version_seq = ? AND format = ?",
+                                     (version_seq, fmt))
+            return await cur.fetchone()  # type: ignore[return-value]
+
+    async def claim_job(self, when: str) -> Row | None:
+        """Mark the oldest pending artifact running and return it with what the converter needs."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                "UPDATE artifacts SET status = 'running', updated_at = ? WHERE seq = "
+                "(SELECT seq FROM artifacts WHERE status = 'pending' ORDER BY seq LIMIT 1) RETURNING seq", (when,))
+            claimed = await cur.fetchone()
+            if claimed is None:
+                return None
+            cur = await conn.execute(
+                "SELECT a.seq, a.format AS target, v.kind, v.format, v.digest, v.input_shape, v.seq AS version_seq "
+                "FROM artifacts a JOIN versions v ON v.seq = a.version_seq WHERE a.seq = ?", (claimed["seq"],))  # type: ignore[index]
+            return await cur.fetchone()  # type: ignore[return-value]
+
+    async def finish_job(self, artifact_seq: int, fields: Row, publish: Publish | None = None) -> bool:
+        """Record a job's outcome (publishing its blob first, atomically); False if the version is gone."""
+        async with self.transaction() as conn:
+            cur = await conn.execute("SELECT seq FROM artifacts WHERE seq = ?", (artifact_seq,))
+            if await cur.fetchone() is None:
+                return False
+            if publish is not None:
+                await publish()
+            await conn.execute(f"UPDATE artifacts SET {_assignments(fields)} WHERE seq = ?",
+                               (*fields.values(), artifact_seq))
+            return True
+
+    async def requeue_running(self) -> int:
+        """After a restart, jobs left running by a dead process go back to pending."""
+        async with self.transaction() as conn:
+            return (await conn.execute("UPDATE artifacts SET status = 'pending' WHERE status = 'running'")).rowcount
+
+    # storage accounting (gc, verify)
+
+    async def referenced_digests(self) -> set[str]:
+        rows = await self._all("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL")
+        return {r["digest"] for r in rows}
+
+    async def stored_references(self) -> list[Row]:
+        """Every row that names a blob, for `verify`."""
+        return await self._all(
+            "SELECT m.id AS model_id, v.number, v.format, v.digest, v.size FROM versions v "
+            "JOIN models m ON m.seq = v.model_seq UNION ALL "
+            "SELECT m.id, v.number, a.format, a.digest, a.size FROM artifacts a JOIN versions v ON v.seq = a.version_seq "
+            "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL")
 
     # api keys
 
     async def insert_key(self, row: Row) -> None:
         async with self.transaction() as conn:
-            await conn.execute("INSERT INTO api_keys (name, key_hash, prefix, scope, created_at) VALUES (?, ?, ?, ?, ?)",
-                               (row["name"], row["key_hash"], row["prefix"], row["scope"], row["created_at"]))
+            await conn.execute(*_insert("api_keys", row))
 
     async def find_key(self, key_hash: str) -> Row | None:
         return await self._one("SELECT * FROM api_keys WHERE key_hash = ? AND revoked_at IS NULL", (key_hash,))

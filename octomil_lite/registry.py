@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import re
 import sqlite3
 import uuid
@@ -11,25 +12,32 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from . import auth, formats
 from .blobstore import BlobStore, StagedBlob
 from .config import Config
+from .conversions import TARGETS, ConversionPool
 from .db import Database, Row
 from .errors import BadRequest, Conflict, NotFound, OctomilError
 from .sandbox import Limits, SandboxError, run_task
 from .schemas import (
     DOWNLOAD_FORMATS,
     CreateModel,
+    FormatStatus,
     Model,
     ModelDetail,
     ModelList,
+    UpdateModel,
     UploadedVersion,
     UploadForm,
+    VersionDetail,
     VersionSummary,
 )
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-ONNX_CHECK_LIMITS = Limits(timeout=300.0, memory_bytes=8 * 1024**3, cpu_seconds=300)
+ONNX_CHECK_LIMITS = Limits(timeout=300.0, cpu_seconds=300)
+PENDING_RETRY_AFTER = 5
 
 
 def utc_now() -> str:
@@ -62,23 +70,45 @@ def _model_id(value: str) -> str:
         raise NotFound(f"No model with id '{value[:100]}'.") from None
 
 
+def _summary(v: Row) -> VersionSummary:
+    return VersionSummary(version=v["number"], label=v["label"], format=v["format"], model_size_bytes=v["size"],
+                          model_hash=f"sha256:{v['digest']}", description=v["description"], round_id=v["round_id"],
+                          accuracy=v["accuracy"], loss=v["loss"], uploaded_at=v["uploaded_at"])
+
+
+def _format_status(a: Row) -> FormatStatus:
+    return FormatStatus(status=a["status"], reason=a["reason"], model_size_bytes=a["size"],
+                        model_hash=f"sha256:{a['digest']}" if a["digest"] else None,
+                        parity=json.loads(a["parity"]) if a["parity"] else None,
+                        signature=json.loads(a["signature"]) if a["signature"] else None,
+                        converter=a["converter"], updated_at=a["updated_at"])
+
+
 class Registry:
-    """Models, versions, blobs and keys of one data directory."""
+    """Models, versions, blobs, conversions and keys of one data directory."""
 
     def __init__(self, config: Config, db: Database, blobs: BlobStore):
         self.config = config
         self.db = db
         self.blobs = blobs
+        self.pool = ConversionPool(db, blobs, Limits(timeout=config.conversion_timeout,
+                                                     memory_bytes=config.conversion_memory_bytes),
+                                   config.conversion_workers, utc_now)
 
     @classmethod
     async def open(cls, config: Config) -> Registry:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         blobs = BlobStore(config.data_dir)
-        blobs.sweep_tmp()
         db = await Database.open(config.data_dir / "registry.sqlite3")
         return cls(config, db, blobs)
 
+    async def start(self) -> None:
+        """Serving: sweep leftovers of a previous run and start converting."""
+        self.blobs.sweep_tmp()
+        await self.pool.start()
+
     async def close(self) -> None:
+        await self.pool.stop()
         await self.db.close()
 
     # models
@@ -86,7 +116,7 @@ class Registry:
     def _model(self, row: Row) -> Model:
         digest = row["digest"]
         return Model(
-            id=row["id"], round_id=row["round_id"],
+            id=row["id"], name=row["name"], use_case=row["use_case"], round_id=row["round_id"],
             model_path=self.blobs.uri(digest) if digest else None,
             model_size_bytes=row["size"], model_hash=f"sha256:{digest}" if digest else None,
             framework=row["framework"], framework_version=row["framework_version"],
@@ -101,12 +131,29 @@ class Registry:
         return row
 
     async def create_model(self, req: CreateModel) -> Model:
-        row = {
-            "id": str(uuid.uuid4()), "framework": req.framework, "framework_version": req.framework_version,
-            "description": req.description, "is_baseline": int(bool(req.is_baseline)), "created_at": utc_now(),
-        }
-        await self.db.insert_model(row)
-        return self._model({**row, "round_id": None, "accuracy": None, "loss": None, "digest": None, "size": None})
+        row = {f: getattr(req, f) for f in req.__struct_fields__}
+        row.update(id=str(uuid.uuid4()), is_baseline=int(bool(req.is_baseline)), created_at=utc_now())
+        try:
+            await self.db.insert_model(row)
+        except sqlite3.IntegrityError:
+            raise Conflict(f"A model named '{req.name}' already exists; names are unique.") from None
+        return self._model({**row, "digest": None, "size": None})
+
+    async def update_model(self, model_id: str, req: UpdateModel) -> Model:
+        row = await self._model_row(model_id)
+        fields = {f: getattr(req, f) for f in req.__struct_fields__ if getattr(req, f) is not msgspec.UNSET}
+        if "is_baseline" in fields:
+            fields["is_baseline"] = int(fields["is_baseline"])
+        try:
+            await self.db.update_model(row["seq"], fields)
+        except sqlite3.IntegrityError:
+            raise Conflict(f"A model named '{fields.get('name')}' already exists; names are unique.") from None
+        return self._model({**row, **fields})
+
+    async def delete_model(self, model_id: str) -> None:
+        row = await self._model_row(model_id)
+        if not await self.db.delete_model(row["seq"]):
+            raise NotFound(f"No model with id '{model_id}'.")
 
     async def list_models(self, limit: int, offset: int, framework: str | None, is_baseline: bool | None) -> ModelList:
         rows, total = await self.db.list_models(limit, offset, framework, is_baseline)
@@ -116,12 +163,8 @@ class Registry:
         row = await self._model_row(model_id)
         versions = await self.db.list_versions(row["seq"])
         model = self._model(row)
-        return ModelDetail(
-            **{f: getattr(model, f) for f in model.__struct_fields__},
-            versions=[VersionSummary(version=v["number"], format=v["format"], model_size_bytes=v["size"],
-                                     model_hash=f"sha256:{v['digest']}", description=v["description"],
-                                     uploaded_at=v["uploaded_at"]) for v in versions],
-        )
+        return ModelDetail(**{f: getattr(model, f) for f in model.__struct_fields__},
+                           versions=[_summary(v) for v in versions])
 
     # versions
 
@@ -135,26 +178,39 @@ class Registry:
     async def upload_version(self, model_id: str, staged: StagedBlob, filename: str, form: UploadForm) -> UploadedVersion:
         """Turn finished, staged bytes into the model's next version (the caller discards `staged` on error)."""
         row = await self._model_row(model_id)
-        if form.description is not None and len(form.description) > 1000:
-            raise BadRequest("Field 'description' must be at most 1000 characters.")
         if staged.size == 0:
             raise BadRequest("The uploaded file is empty.")
         sniffed = await asyncio.to_thread(formats.sniff, staged.head, staged.path, staged.size, filename)
         fmt = formats.resolve_format(form.format, sniffed)
         assert sniffed.kind is not None
+        if form.label is not None and await self.db.get_version(row["seq"], label=form.label):
+            raise Conflict(f"Model '{row['id']}' already has a version labelled '{form.label}'.")
+        now = utc_now()
         if sniffed.kind == "onnx":
-            await self._check_onnx(staged)
-        digest = await self.blobs.commit(staged)
-        uploaded_at = utc_now()
-        number = await self.db.insert_version(row["seq"], {
-            "format": fmt, "kind": sniffed.kind, "digest": digest, "size": staged.size,
-            "description": form.description, "uploaded_at": uploaded_at,
-        })
+            signature = (await self._check_onnx(staged)).get("signature")
+            artifact = {"format": "onnx", "status": "ready", "digest": staged.digest, "size": staged.size,
+                        "signature": json.dumps(signature), "converter": "original upload", "updated_at": now}
+        else:
+            artifact = {"format": "onnx", "status": "pending", "updated_at": now}
+        version = {"label": form.label, "format": fmt, "kind": sniffed.kind, "digest": staged.digest,
+                   "size": staged.size, "description": form.description, "round_id": form.round_id,
+                   "accuracy": form.accuracy, "loss": form.loss, "uploaded_at": now,
+                   "input_shape": json.dumps(form.input_shape) if form.input_shape else None}
+        figures = {k: getattr(form, k) for k in ("round_id", "accuracy", "loss") if getattr(form, k) is not None}
+
+        async def publish() -> None:
+            await self.blobs.commit(staged)
+
+        try:
+            number = await self.db.insert_version(row["seq"], version, figures, [artifact], publish)
+        except sqlite3.IntegrityError:
+            raise Conflict(f"Model '{row['id']}' already has a version labelled '{form.label}'.") from None
         if number is None:
             raise NotFound(f"Model '{model_id}' was deleted during the upload.")
-        return UploadedVersion(model_id=row["id"], version=number, format=fmt, model_path=self.blobs.uri(digest),
-                               model_size_bytes=staged.size, model_hash=f"sha256:{digest}",
-                               description=form.description, uploaded_at=uploaded_at)
+        self.pool.wake()
+        return UploadedVersion(model_id=row["id"], version=number, label=form.label, format=fmt,
+                               model_path=self.blobs.uri(staged.digest), model_size_bytes=staged.size,
+                               model_hash=f"sha256:{staged.digest}", description=form.description, uploaded_at=now)
 
     async def _check_onnx(self, staged: StagedBlob) -> dict[str, Any]:
         try:
@@ -165,20 +221,60 @@ class Registry:
             raise BadRequest(f"The file is not a valid ONNX model: {result.get('reason')}.")
         return result
 
-    async def find_artifact(self, model_id: str, version: str, fmt: str | None) -> Artifact:
-        """The bytes to serve for (model, version, format), or a NotFound saying why."""
+    async def _version_row(self, model_id: str, ref: str) -> tuple[Row, Row]:
+        """(model, version) for a version number, label or 'latest'."""
+        model = await self._model_row(model_id)
+        if ref == "latest":
+            version = await self.db.get_version(model["seq"])
+        elif ref.isdigit() and len(ref) < 10:
+            version = await self.db.get_version(model["seq"], number=int(ref))
+        elif len(ref) <= 100:
+            version = await self.db.get_version(model["seq"], label=ref)
+        else:
+            version = None
+        if version is None:
+            raise NotFound(f"Model '{model['id']}' has no version '{ref[:100]}'.")
+        return model, version
+
+    async def get_version(self, model_id: str, ref: str) -> VersionDetail:
+        model, v = await self._version_row(model_id, ref)
+        statuses = {v["format"]: FormatStatus(status="ready", model_size_bytes=v["size"],
+                                              model_hash=f"sha256:{v['digest']}", updated_at=v["uploaded_at"])}
+        for target in TARGETS:
+            statuses[target] = FormatStatus(status="on_request", reason="converted on the first download request")
+        statuses.update({a["format"]: _format_status(a) for a in await self.db.list_artifacts(v["seq"])})
+        return VersionDetail(model_id=model["id"], version=v["number"], label=v["label"], format=v["format"],
+                             model_path=self.blobs.uri(v["digest"]), model_size_bytes=v["size"],
+                             model_hash=f"sha256:{v['digest']}", description=v["description"],
+                             round_id=v["round_id"], accuracy=v["accuracy"], loss=v["loss"],
+                             input_shape=json.loads(v["input_shape"]) if v["input_shape"] else None,
+                             uploaded_at=v["uploaded_at"], formats=statuses)
+
+    async def delete_version(self, model_id: str, ref: str) -> None:
+        _, version = await self._version_row(model_id, ref)
+        await self.db.delete_version(version["seq"])
+
+    async def find_artifact(self, model_id: str, ref: str, fmt: str | None) -> Artifact:
+        """The bytes to serve for (model, version, format), or a NotFound saying why (and when pending, when)."""
         fmt = fmt or "original"
         if fmt not in DOWNLOAD_FORMATS:
             raise BadRequest(f"Query parameter 'format' must be one of {', '.join(DOWNLOAD_FORMATS)}; got '{fmt[:50]}'.")
-        row = await self._model_row(model_id)
-        number = int(version) if version.isdigit() and len(version) < 10 else None
-        found = await self.db.get_version(row["seq"], number) if number else None
-        if found is None:
-            raise NotFound(f"Model '{row['id']}' has no version '{version[:50]}'.")
-        kind = formats.KINDS[found["kind"]]
-        if fmt in ("original", found["format"]) or (fmt == "onnx" and found["kind"] == "onnx"):
-            return Artifact(found["digest"], found["size"], f"model_v{number}{kind.ext}")
-        raise NotFound(f"Version {number} is not available as {fmt}: conversion to {fmt} is not supported yet.")
+        _, v = await self._version_row(model_id, ref)
+        number = v["number"]
+        if fmt in ("original", v["format"]):
+            return Artifact(v["digest"], v["size"], f"model_v{number}{formats.KINDS[v['kind']].ext}")
+        if fmt not in TARGETS:
+            raise NotFound(f"Version {number} is a {v['format']} model; it can be downloaded as original, "
+                           f"{', '.join(TARGETS)}, not {fmt}.")
+        artifact = await self.db.request_artifact(v["seq"], fmt, utc_now())
+        status = artifact["status"]
+        if status == "ready":
+            return Artifact(artifact["digest"], artifact["size"], f"model_v{number}{TARGETS[fmt]}")
+        if status in ("pending", "running"):
+            self.pool.wake()
+            raise NotFound(f"Version {number} is being converted to {fmt} ({status}); retry in a few seconds.",
+                           headers={"Retry-After": str(PENDING_RETRY_AFTER)})
+        raise NotFound(f"Version {number} cannot be downloaded as {fmt}: {artifact['reason']}")
 
     def open_artifact(self, artifact: Artifact) -> int:
         """A read-only descriptor on the artifact's blob."""

@@ -66,7 +66,7 @@ async def run_task(task: str, payload: dict[str, Any], limits: Limits, workdir_p
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(json.dumps(payload).encode()), limits.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             proc.kill()
             await proc.wait()
             raise SandboxError(f"took longer than {limits.timeout:.0f} s and was stopped") from None

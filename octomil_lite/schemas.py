@@ -33,6 +33,8 @@ class Health(Schema):
 
 class Model(Schema):
     id: str
+    name: str | None
+    use_case: str | None
     round_id: str | None
     model_path: str | None
     model_size_bytes: int | None
@@ -48,11 +50,45 @@ class Model(Schema):
 
 class VersionSummary(Schema):
     version: int
+    label: str | None
     format: str
     model_size_bytes: int
     model_hash: str
     description: str | None
+    round_id: str | None
+    accuracy: float | None
+    loss: float | None
     uploaded_at: str
+
+
+class FormatStatus(Schema):
+    """One format of a version: ready, pending/running, or failed/impossible/unavailable and why."""
+
+    status: str
+    reason: str | None = None
+    model_size_bytes: int | None = None
+    model_hash: str | None = None
+    parity: dict[str, Any] | None = None
+    signature: dict[str, Any] | None = None
+    converter: str | None = None
+    updated_at: str | None = None
+
+
+class VersionDetail(Schema):
+    model_id: str
+    version: int
+    label: str | None
+    format: str
+    model_path: str
+    model_size_bytes: int
+    model_hash: str
+    description: str | None
+    round_id: str | None
+    accuracy: float | None
+    loss: float | None
+    input_shape: list[int] | None
+    uploaded_at: str
+    formats: dict[str, FormatStatus]
 
 
 class ModelDetail(Model):
@@ -69,6 +105,7 @@ class ModelList(Schema):
 class UploadedVersion(Schema):
     model_id: str
     version: int
+    label: str | None
     format: str
     model_path: str
     model_size_bytes: int
@@ -80,14 +117,37 @@ class UploadedVersion(Schema):
 class CreateModel(msgspec.Struct, kw_only=True):
     """POST /api/v1/models body; unknown fields (name, use_case, org_id, ...) are ignored."""
 
+    name: ShortText | None = None
+    use_case: ShortText | None = None
     framework: Framework | None = None
     framework_version: ShortText | None = None
     description: Description | None = None
     is_baseline: bool | None = None
+    round_id: ShortText | None = None
+    accuracy: float | None = None
+    loss: float | None = None
+
+
+class UpdateModel(msgspec.Struct, kw_only=True):
+    """PATCH /api/v1/models/{id} body: only the fields present change."""
+
+    description: Description | None | msgspec.UnsetType = msgspec.UNSET
+    is_baseline: bool | msgspec.UnsetType = msgspec.UNSET
+    accuracy: float | None | msgspec.UnsetType = msgspec.UNSET
+    loss: float | None | msgspec.UnsetType = msgspec.UNSET
+    round_id: ShortText | None | msgspec.UnsetType = msgspec.UNSET
+    framework_version: ShortText | None | msgspec.UnsetType = msgspec.UNSET
+    name: ShortText | None | msgspec.UnsetType = msgspec.UNSET
+    use_case: ShortText | None | msgspec.UnsetType = msgspec.UNSET
 
 
 class UploadForm(msgspec.Struct, kw_only=True):
-    """The text fields of an upload, after multipart parsing."""
+    """The text fields of an upload, after multipart parsing and validation."""
 
     format: str | None = None
     description: str | None = None
+    label: str | None = None
+    round_id: str | None = None
+    accuracy: float | None = None
+    loss: float | None = None
+    input_shape: list[int] | None = None

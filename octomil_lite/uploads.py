@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -9,6 +10,7 @@ from multipart import MultipartError, MultipartSegment, PushMultipartParser, par
 
 from .blobstore import StagedBlob
 from .errors import BadRequest, PayloadTooLarge
+from .schemas import UploadForm
 
 FORM_OVERHEAD = 1024 * 1024  # room for boundaries and text fields on top of the file itself
 MAX_FIELD_BYTES = 64 * 1024
@@ -105,3 +107,55 @@ def _decode(name: str, raw: bytearray) -> str:
     if "\x00" in value:
         raise BadRequest(f"Form field '{name[:50]}' contains a NUL character.")
     return value
+
+
+def _number(name: str, value: str | None) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise BadRequest(f"Form field '{name}' must be a number; got '{value[:50]}'.") from None
+    if not math.isfinite(number):
+        raise BadRequest(f"Form field '{name}' must be a finite number.")
+    return number
+
+
+def _text(name: str, value: str | None, limit: int) -> str | None:
+    if value is None:
+        return None
+    if len(value) > limit:
+        raise BadRequest(f"Form field '{name}' must be at most {limit} characters.")
+    return value
+
+
+def _shape(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    parts = value.strip().strip("[]()").replace(" ", "").split(",")
+    if not 1 <= len(parts) <= 8 or not all(p.isdigit() and 0 < int(p) <= 1_000_000 for p in parts):
+        raise BadRequest(f"Form field 'input_shape' must be 1-8 positive integers such as 1,3,32,32; got '{value[:50]}'.")
+    return [int(p) for p in parts]
+
+
+def _label(value: str | None) -> str | None:
+    label = _text("version", value.strip() if value else None, 100)
+    if not label:
+        return None
+    if label.isdigit() or label == "latest" or "/" in label:
+        raise BadRequest(f"Form field 'version' is a label such as 1.0.0; '{label[:50]}' would clash with version "
+                         "numbers, 'latest' or paths.")
+    return label
+
+
+def upload_form(fields: dict[str, str]) -> UploadForm:
+    """Validate the text fields of an upload; unknown fields are ignored, as the hosted API does."""
+    return UploadForm(
+        format=(fields.get("format") or fields.get("formats") or "").strip() or None,
+        description=_text("description", fields.get("description"), 1000),
+        label=_label(fields.get("version")),
+        round_id=_text("round_id", fields.get("round_id") or None, 200),
+        accuracy=_number("accuracy", fields.get("accuracy")),
+        loss=_number("loss", fields.get("loss")),
+        input_shape=_shape(fields.get("input_shape")),
+    )

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import numpy as np
@@ -21,6 +22,8 @@ from octomil_lite.app import create_app
 from octomil_lite.config import Config
 from octomil_lite.registry import Registry
 
+T = TypeVar("T")
+
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
@@ -28,7 +31,7 @@ def bearer(key: str) -> dict[str, str]:
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
-    return Config(data_dir=tmp_path / "data", rate_limit=0)
+    return Config(data_dir=tmp_path / "data", rate_limit=0, conversion_workers=0)
 
 
 class Api:
@@ -39,6 +42,10 @@ class Api:
         self.registry = registry
         self.keys = keys
         self.headers = bearer(keys["admin"])
+
+    async def on_app(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run a coroutine function on the app's own event loop (the test client serves it in another thread)."""
+        return await on_app_loop(self.client, fn, *args)
 
     async def create_model(self, **body: Any) -> dict[str, Any]:
         resp = await self.client.post("/api/v1/models", json=body, headers=self.headers)
@@ -54,11 +61,16 @@ class Api:
         return resp
 
 
+async def on_app_loop(client: AsyncTestClient[Any], fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+    return await asyncio.to_thread(client.blocking_portal.call, fn, *args)
+
+
 @pytest.fixture
 async def api(config: Config) -> AsyncIterator[Api]:
     async with AsyncTestClient(app=create_app(config)) as client:
         registry: Registry = client.app.state.registry
-        keys = {scope: await registry.create_key(f"test-{scope}", scope) for scope in ("read", "write", "admin")}
+        keys = {scope: await on_app_loop(client, registry.create_key, f"test-{scope}", scope)
+                for scope in ("read", "write", "admin")}
         yield Api(client, registry, keys)
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
-from conftest import Api, bearer
+from conftest import Api, bearer, on_app_loop
 from litestar.testing import AsyncTestClient
 
 from octomil_lite.app import create_app
@@ -55,9 +56,9 @@ async def test_write_key_can_create_and_upload(api: Api, sklearn_pickle: bytes) 
 
 
 async def test_revoked_key_is_refused(api: Api) -> None:
-    key = await api.registry.create_key("temp", "admin")
+    key = await api.on_app(api.registry.create_key, "temp", "admin")
     assert (await api.client.get("/api/v1/models", headers=bearer(key))).status_code == 200
-    await api.registry.revoke_key("temp")
+    await api.on_app(api.registry.revoke_key, "temp")
     assert (await api.client.get("/api/v1/models", headers=bearer(key))).status_code == 401
 
 
@@ -68,14 +69,15 @@ async def test_keys_exist_only_as_hashes_at_rest(api: Api) -> None:
         for path in Path(data_dir).rglob("*"):
             if path.is_file():
                 assert needle not in path.read_bytes(), path
-        rows = await api.registry.db._all("SELECT key_hash FROM api_keys")
-        assert hash_key(key) in {r["key_hash"] for r in rows}
+        with sqlite3.connect(data_dir / "registry.sqlite3") as conn:
+            stored = {row[0] for row in conn.execute("SELECT key_hash FROM api_keys")}
+        assert hash_key(key) in stored
 
 
 async def test_rate_limit_answers_429_with_integer_retry_after(tmp_path: Path) -> None:
     config = Config(data_dir=tmp_path / "d", rate_limit=5)
     async with AsyncTestClient(app=create_app(config)) as client:
-        key = await client.app.state.registry.create_key("k", "read")
+        key = await on_app_loop(client, client.app.state.registry.create_key, "k", "read")
         codes = [(await client.get("/api/v1/models", headers=bearer(key))) for _ in range(8)]
         assert [r.status_code for r in codes[:5]] == [200] * 5
         limited = codes[5]

@@ -38,6 +38,12 @@ async def test_version_numbers_never_reuse_after_the_model_row_counter(tmp_path:
     model = await db.get_model("m")
     assert model is not None
     row = {"format": "onnx", "kind": "onnx", "digest": "0" * 64, "size": 1, "description": None, "uploaded_at": "t"}
-    assert [await db.insert_version(model["seq"], row) for _ in range(3)] == [1, 2, 3]
-    assert await db.insert_version(999, row) is None
+    published = []
+
+    async def publish() -> None:
+        published.append(1)
+
+    assert [await db.insert_version(model["seq"], row, {}, [], publish) for _ in range(3)] == [1, 2, 3]
+    assert await db.insert_version(999, row, {}, [], publish) is None
+    assert len(published) == 3
     await db.close()

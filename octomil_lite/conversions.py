@@ -1,0 +1,114 @@
+"""Server side of conversion: a small pool that claims jobs from SQLite and runs each in a sandboxed child."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .blobstore import BlobStore
+from .db import Database, Row
+from .sandbox import Limits, SandboxError, run_task
+
+log = logging.getLogger("octomil_lite.conversions")
+
+TARGETS = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage.zip"}
+CHECK_LIMITS = Limits(timeout=300.0, cpu_seconds=300)
+
+
+class ConversionPool:
+    """`workers` asyncio tasks, each running one conversion child at a time; the event loop never waits on one."""
+
+    def __init__(self, db: Database, blobs: BlobStore, limits: Limits, workers: int, now: Callable[[], str]):
+        self.db = db
+        self.blobs = blobs
+        self.limits = limits
+        self.workers = workers
+        self.now = now
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        requeued = await self.db.requeue_running()
+        if requeued:
+            log.info("resuming %d conversion(s) interrupted by the last shutdown", requeued)
+        self._tasks = [asyncio.create_task(self._work(), name=f"convert-{i}") for i in range(self.workers)]
+        self.wake()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _work(self) -> None:
+        while True:
+            job = await self.db.claim_job(self.now())
+            if job is None:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                await self._run(job)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug here must not stop the pool; the job ends failed
+                log.exception("conversion job %s crashed", job["seq"])
+                await self.db.finish_job(job["seq"], {"status": "failed", "reason": f"internal error: {exc}",
+                                                      "updated_at": self.now()})
+
+    async def _run(self, job: Row) -> None:
+        out_dir = Path(tempfile.mkdtemp(prefix="convert-", dir=self.blobs.tmp))
+        try:
+            fields = await self._convert(job, out_dir)
+            if fields.get("status") != "ready":
+                await self.db.finish_job(job["seq"], {**fields, "updated_at": self.now()})
+                return
+            staged = await self.blobs.stage_file(Path(fields.pop("path")))
+            fields.update(digest=staged.digest, size=staged.size, updated_at=self.now())
+
+            async def publish() -> None:
+                await self.blobs.commit(staged)
+
+            await self.db.finish_job(job["seq"], fields, publish)
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+
+    async def _convert(self, job: Row, out_dir: Path) -> dict[str, Any]:
+        payload = {
+            "src": str(self.blobs.path(job["digest"])), "kind": job["kind"], "framework_hint": job["format"],
+            "target": job["target"], "out_dir": str(out_dir),
+            "options": {"input_shape": json.loads(job["input_shape"])} if job["input_shape"] else {},
+        }
+        try:
+            result = await run_task("convert", payload, self.limits, self.blobs.tmp)
+        except SandboxError as exc:
+            return {"status": "failed", "reason": f"the conversion {exc}"}
+        status = result.get("status")
+        if status in ("failed", "impossible", "unavailable"):
+            return {"status": status, "reason": str(result.get("reason") or "no reason given")[:2000]}
+        if status != "done":
+            return {"status": "failed", "reason": "the converter returned no result"}
+        output = Path(str(result.get("path", ""))).resolve()
+        if output.parent != out_dir.resolve() or output.is_symlink() or not output.is_file():
+            return {"status": "failed", "reason": "the converter wrote its output outside its working directory"}
+        signature = None
+        if job["target"] == "onnx":
+            try:
+                check = await run_task("check-onnx", {"path": str(output)}, CHECK_LIMITS, self.blobs.tmp)
+            except SandboxError as exc:
+                return {"status": "failed", "reason": f"checking the converted ONNX model {exc}"}
+            if not check.get("ok"):
+                return {"status": "failed", "reason": f"the converted ONNX model is invalid: {check.get('reason')}"}
+            signature = json.dumps(check.get("signature"))
+        return {"status": "ready", "reason": None, "path": str(output), "signature": signature,
+                "parity": json.dumps(result.get("parity")) if result.get("parity") is not None else None,
+                "converter": str(result.get("converter") or "")[:200] or None}

@@ -7,18 +7,20 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import msgspec
 from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ASGIApp, Receive, Scope, Send
+from litestar.utils import normalize_path
 
 from .auth import RateLimiter, scope_allows
 from .config import Config
-from .controllers import ModelController, health
+from .controllers import ModelController, health, signed_download
 from .convert import available_conversions
 from .errors import Forbidden, OctomilError, RateLimited, Unauthorized
-from .registry import Registry
+from .registry import KeyInfo, Registry
 from .schemas import ErrorBody
 from .web import openapi_config
 from .web import route_handlers as web_routes
@@ -71,7 +73,7 @@ def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[
 
 def _needed_scope(scope: Scope) -> str | None:
     """The key scope a request needs, or None for public routes (everything outside /api/v1)."""
-    if not scope["path"].startswith("/api/"):
+    if not _is_api(scope["path"]):
         return None
     opt = scope["route_handler"].opt
     if "scope" in opt:
@@ -79,33 +81,75 @@ def _needed_scope(scope: Scope) -> str | None:
     return "read" if scope.get("method") in ("GET", "HEAD", "OPTIONS") else "write"
 
 
+def _is_api(path: str) -> bool:
+    path = normalize_path(path)  # as the router will see it: '//api/v1/models/' is '/api/v1/models'
+    return path == "/api" or path.startswith("/api/")
+
+
+_KEY_INFO = "octomil_lite.key"  # where the pre-routing check leaves the caller's KeyInfo in the ASGI scope
+
+
+async def _authenticate(scope: Scope) -> KeyInfo:
+    """The request's valid key, after taking a rate-limit token; Unauthorized or RateLimited otherwise."""
+    state = scope["litestar_app"].state
+    registry: Registry = state.registry
+    limiter: RateLimiter = state.rate_limiter
+    header = ""
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            header = value.decode("latin-1")
+            break
+    scheme, _, key = header.partition(" ")
+    info = await registry.authenticate(key.strip()) if scheme.lower() == "bearer" else None
+    # Failed attempts share one bucket: a client address is no identity (X-Forwarded-For is trusted from loopback).
+    identity = f"key:{info.name}" if info else "anonymous"
+    wait = limiter.hit(identity)
+    if wait is not None:
+        raise RateLimited(f"Too many requests; retry in {wait} s.", headers={"Retry-After": str(wait)})
+    if info is None:
+        raise Unauthorized("Send a valid API key as 'Authorization: Bearer <key>' "
+                           "(create one with: octomil-lite keys create --name NAME).",
+                           headers={"WWW-Authenticate": "Bearer"})
+    return info
+
+
+def authenticate_first(app: ASGIApp) -> ASGIApp:
+    """Check the key of every /api/ request before routing, so that nothing (not even whether a route or method
+    exists) is answered to a caller without a valid key; scopes are checked after routing, by auth_middleware."""
+
+    async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and _is_api(scope["path"]):
+            try:
+                try:
+                    scope[_KEY_INFO] = await _authenticate(scope)  # type: ignore[literal-required]
+                except OctomilError:
+                    raise
+                except Exception as unexpected:  # outside Litestar's exception handling: render it here
+                    log.exception("authenticating %s %s raised", scope["method"], scope["path"])
+                    raise OctomilError("An unexpected error occurred; the server log has the details.") from unexpected
+            except OctomilError as exc:
+                body = msgspec.json.encode(ErrorBody(error=exc.code, message=exc.message))
+                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                           *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())]
+                await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+                await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+                return
+        await app(scope, receive, send)
+
+    return handler
+
+
 def auth_middleware(app: ASGIApp) -> ASGIApp:
-    """Bearer-key authentication, scope check and per-key rate limit for every /api/ route."""
+    """The scope check (and, if the pre-routing check somehow did not run, authentication) for every /api/ route."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         needed = _needed_scope(scope) if scope["type"] == "http" else None
         if needed is None:
             await app(scope, receive, send)
             return
-        state = scope["litestar_app"].state
-        registry: Registry = state.registry
-        limiter: RateLimiter = state.rate_limiter
-        header = ""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                header = value.decode("latin-1")
-                break
-        scheme, _, key = header.partition(" ")
-        info = await registry.authenticate(key.strip()) if scheme.lower() == "bearer" else None
-        client = scope.get("client")
-        identity = f"key:{info.name}" if info else f"anonymous:{client[0] if client else '-'}"
-        wait = limiter.hit(identity)
-        if wait is not None:
-            raise RateLimited(f"Too many requests; retry in {wait} s.", headers={"Retry-After": str(wait)})
+        info: KeyInfo | None = scope.get(_KEY_INFO)  # type: ignore[call-overload]
         if info is None:
-            raise Unauthorized("Send a valid API key as 'Authorization: Bearer <key>' "
-                               "(create one with: octomil-lite keys create --name NAME).",
-                               headers={"WWW-Authenticate": "Bearer"})
+            info = await _authenticate(scope)
         if not scope_allows(info.scope, needed):
             raise Forbidden(f"The key '{info.name}' has scope '{info.scope}'; this request needs '{needed}'.")
         await app(scope, receive, send)
@@ -128,8 +172,8 @@ def create_app(config: Config) -> Litestar:
     def provide_registry(state: State) -> Registry:
         return state.registry  # type: ignore[no-any-return]
 
-    return Litestar(
-        route_handlers=[health, ModelController, *web_routes],
+    app = Litestar(
+        route_handlers=[health, ModelController, signed_download, *web_routes],
         lifespan=[lifespan],
         state=State({"rate_limiter": RateLimiter(config.rate_limit), "conversions": available_conversions()}),
         dependencies={"registry": Provide(provide_registry, sync_to_thread=False)},
@@ -141,3 +185,5 @@ def create_app(config: Config) -> Litestar:
         logging_config=None,
         debug=False,
     )
+    app.asgi_handler = authenticate_first(app.asgi_handler)
+    return app

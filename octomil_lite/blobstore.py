@@ -196,7 +196,17 @@ class BlobStore:
                     if _DIGEST.fullmatch(entry.name) and entry.name[:2] == shard.name:
                         yield entry.name
 
-    def sweep_tmp(self, older_than: float | None = None) -> tuple[int, int]:
+    def rehash(self, digest: str) -> tuple[str, int]:
+        """The sha256 and size of a blob's bytes as they are on disk now."""
+        sha, size = hashlib.sha256(), 0
+        fd = self.open(digest)
+        with os.fdopen(fd, "rb", buffering=0) as f:
+            while data := f.read(FLUSH_BYTES):
+                sha.update(data)
+                size += len(data)
+        return sha.hexdigest(), size
+
+    def sweep_tmp(self, older_than: float | None = None, dry_run: bool = False) -> tuple[int, int]:
         """Delete temp files (all, or those untouched for `older_than` seconds); return (count, bytes)."""
         count = freed = 0
         now = time.time()
@@ -204,9 +214,9 @@ class BlobStore:
             st = entry.lstat()
             if older_than is not None and now - st.st_mtime < older_than:
                 continue
-            if entry.is_dir() and not entry.is_symlink():
+            if not dry_run and entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
-            else:
+            elif not dry_run:
                 entry.unlink(missing_ok=True)
             count += 1
             freed += st.st_size

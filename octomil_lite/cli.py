@@ -76,16 +76,8 @@ def serve(host: str, port: int, data_dir: Path | None, max_upload_size: str, rat
     config = Config(data_dir=data_dir or default_data_dir(), host=host, port=port,
                     max_upload_size=_size(max_upload_size), rate_limit=rate_limit)
 
-    async def first_key(registry: object) -> str | None:
-        from .registry import Registry
-
-        assert isinstance(registry, Registry)
-        if await registry.has_keys():
-            return None
-        return await registry.create_key("admin", "admin")
-
     try:
-        key = _with_registry(config, first_key)
+        key = _with_registry(config, lambda r: r.first_admin_key())
     except (OSError, RuntimeError) as exc:
         raise click.ClickException(f"cannot open the data directory {config.data_dir}: {exc}") from None
     if key:
@@ -133,6 +125,39 @@ def keys_revoke(name: str, data_dir: Path | None) -> None:
     config = Config(data_dir=data_dir or default_data_dir())
     _with_registry(config, lambda r: r.revoke_key(name))
     click.echo(f"revoked {name}", err=True)
+
+
+def _bytes(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024**2:.1f} MiB" if n < 1024**3 else f"{n / 1024**3:.2f} GiB"
+
+
+@main.command()
+@click.option("--grace", default=3600.0, show_default=True, type=click.FloatRange(0),
+              help="Only delete what has been untouched for this many seconds (protects uploads in flight).")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@data_dir_option
+def gc(grace: float, dry_run: bool, data_dir: Path | None) -> None:
+    """Delete blobs that no version references, and leftover temp files."""
+    config = Config(data_dir=data_dir or default_data_dir())
+    done = _with_registry(config, lambda r: r.gc(grace, dry_run))
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {done['blobs']} unreferenced blob(s), {_bytes(done['blob_bytes'])}; "
+               f"{done['temp_files']} temp file(s), {_bytes(done['temp_bytes'])}")
+
+
+@main.command()
+@data_dir_option
+def verify(data_dir: Path | None) -> None:
+    """Re-hash every blob and check every row against the store; exit 1 on any problem."""
+    config = Config(data_dir=data_dir or default_data_dir())
+    problems, counts = _with_registry(config, lambda r: r.verify())
+    for problem in problems:
+        click.echo(f"PROBLEM: {problem}")
+    click.echo(f"checked {counts['blobs']} blob(s) ({_bytes(counts['bytes'])}) and {counts['rows']} row(s); "
+               f"{counts['orphan_blobs']} unreferenced blob(s) and {counts['temp_files']} temp file(s) "
+               f"(octomil-lite gc removes them); {len(problems)} problem(s)")
+    if problems:
+        raise SystemExit(1)
 
 
 for command in CLIENT_COMMANDS:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
-from litestar import Controller, HttpMethod, Request, delete, get, patch, post, route
+from litestar import Controller, HttpMethod, Request, Response, delete, get, patch, post, route
 from litestar.di import NamedDependency
 from litestar.exceptions import InternalServerException
 from litestar.params import FromPath, FromQuery, QueryParameter
@@ -14,7 +14,17 @@ from . import __version__
 from .errors import BadRequest, PayloadTooLarge
 from .registry import Registry
 from .responses import BlobResponse, blob_response
-from .schemas import CreateModel, Health, Model, ModelDetail, ModelList, UpdateModel, UploadedVersion, VersionDetail
+from .schemas import (
+    CreateModel,
+    Health,
+    Model,
+    ModelDetail,
+    ModelList,
+    SignedUrl,
+    UpdateModel,
+    UploadedVersion,
+    VersionDetail,
+)
 from .uploads import FORM_OVERHEAD, boundary_of, receive_upload, upload_form
 
 T = TypeVar("T")
@@ -58,12 +68,16 @@ class ModelController(Controller):
         offset: Annotated[int, QueryParameter(ge=0, le=2**62)] = 0,
         framework: FromQuery[Literal["pytorch", "tensorflow", "xgboost", "sklearn"] | None] = None,
         is_baseline: FromQuery[bool | None] = None,
+        name: Annotated[str | None, QueryParameter(max_length=200)] = None,
+        use_case: Annotated[str | None, QueryParameter(max_length=200)] = None,
     ) -> ModelList:
-        return await registry.list_models(limit, offset, framework, is_baseline)
+        return await registry.list_models(limit, offset, framework=framework, is_baseline=is_baseline, name=name,
+                                          use_case=use_case)
 
     @post("/", opt={"scope": "write"}, status_code=201)
-    async def create_model(self, request: Request[Any, Any, Any], registry: NamedDependency[Registry]) -> Model:
-        return await registry.create_model(_decode(await request.body(), CreateModel))
+    async def create_model(self, request: Request[Any, Any, Any], registry: NamedDependency[Registry]) -> Response[Model]:
+        model, created = await registry.create_model(_decode(await request.body(), CreateModel))
+        return Response(model, status_code=201 if created else 200)
 
     @patch("/{model_id:str}", opt={"scope": "write"})
     async def update_model(self, model_id: FromPath[str], request: Request[Any, Any, Any],
@@ -98,16 +112,37 @@ class ModelController(Controller):
             raise PayloadTooLarge(f"The upload is larger than this registry's limit of {limit} bytes "
                                   "(octomil-lite serve --max-upload-size).")
         parsed = await receive_upload(_chunks(request), boundary, limit, registry.stage_upload)
-        assert parsed.staged is not None
         try:
-            return await registry.upload_version(model_id, parsed.staged, parsed.filename, upload_form(parsed.fields))
+            return await registry.upload_version(model_id, parsed.files, upload_form(parsed.fields))
         finally:
-            await parsed.staged.discard()
+            await parsed.discard()
+
+    @get("/{model_id:str}/versions/{version:str}/download-url", opt={"scope": "read"})
+    async def download_url(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
+                           registry: NamedDependency[Registry], format: FromQuery[str | None] = None,
+                           expires_in: Annotated[int, QueryParameter(ge=1, le=7 * 24 * 3600)] = 3600) -> SignedUrl:
+        path, expires_at = await registry.sign_download(model_id, version, format, expires_in)
+        return SignedUrl(url=str(request.base_url).rstrip("/") + path, expires_at=expires_at)
 
     @route("/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],
            opt={"scope": "read"})
     async def download(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
                        registry: NamedDependency[Registry], format: FromQuery[str | None] = None) -> BlobResponse:
-        artifact = await registry.find_artifact(model_id, version, format)
-        fd = registry.open_artifact(artifact)
-        return blob_response(fd, artifact.size, artifact.digest, artifact.filename, request.method, request.headers)
+        return await _serve(registry, request, model_id, version, format)
+
+
+async def _serve(registry: Registry, request: Request[Any, Any, Any], model_id: str, version: str,
+                 fmt: str | None) -> BlobResponse:
+    artifact = await registry.find_artifact(model_id, version, fmt)
+    fd = registry.open_artifact(artifact)
+    return blob_response(fd, artifact.size, artifact.digest, artifact.filename, request.method, request.headers)
+
+
+@route("/signed/models/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],
+       opt={"public": True})
+async def signed_download(model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
+                          registry: NamedDependency[Registry], format: FromQuery[str] = "original",
+                          expires: FromQuery[str] = "", signature: FromQuery[str] = "") -> BlobResponse:
+    """A download-url link: no key, the signature is the permission."""
+    registry.check_signature(model_id, version, format, expires, signature)
+    return await _serve(registry, request, model_id, version, format)

@@ -31,6 +31,7 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX models_by_name ON models(name) WHERE name IS NOT NULL;
     CREATE INDEX models_by_framework ON models(framework, seq);
     CREATE INDEX models_by_baseline ON models(is_baseline, seq);
+    CREATE INDEX models_by_use_case ON models(use_case, seq);
     CREATE TABLE versions (
         seq INTEGER PRIMARY KEY,
         model_seq INTEGER NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
@@ -86,6 +87,8 @@ _MODEL_COLUMNS = """
 _LATEST_JOIN = """
     LEFT JOIN versions v ON v.seq = (SELECT seq FROM versions WHERE model_seq = m.seq ORDER BY number DESC LIMIT 1)
 """
+
+_REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
 
 Row = dict[str, Any]
 Publish = Callable[[], Awaitable[None]]
@@ -176,18 +179,15 @@ class Database:
         async with self.transaction() as conn:
             await conn.execute(*_insert("models", row))
 
-    async def get_model(self, model_id: str) -> Row | None:
-        return await self._one(f"SELECT {_MODEL_COLUMNS} FROM models m {_LATEST_JOIN} WHERE m.id = ?", (model_id,))
+    async def get_model(self, model_id: str | None = None, *, name: str | None = None) -> Row | None:
+        """A model by id, or by its unique name."""
+        column, value = ("m.id", model_id) if model_id is not None else ("m.name", name)
+        return await self._one(f"SELECT {_MODEL_COLUMNS} FROM models m {_LATEST_JOIN} WHERE {column} = ?", (value,))
 
-    async def list_models(self, limit: int, offset: int, framework: str | None,
-                          is_baseline: bool | None) -> tuple[list[Row], int]:
-        where, params = [], []
-        if framework is not None:
-            where.append("m.framework = ?")
-            params.append(framework)
-        if is_baseline is not None:
-            where.append("m.is_baseline = ?")
-            params.append(int(is_baseline))
+    async def list_models(self, limit: int, offset: int, filters: Row) -> tuple[list[Row], int]:
+        """A page of models, newest first, with the count of all that match `filters` (column: value)."""
+        where = [f"m.{column} = ?" for column in filters]
+        params = [int(v) if isinstance(v, bool) else v for v in filters.values()]
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = await self._all(
             f"SELECT {_MODEL_COLUMNS} FROM (SELECT * FROM models m {clause} ORDER BY m.seq DESC LIMIT ? OFFSET ?) m "
@@ -291,8 +291,16 @@ class Database:
     # storage accounting (gc, verify)
 
     async def referenced_digests(self) -> set[str]:
-        rows = await self._all("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL")
+        rows = await self._all(_REFERENCED)
         return {r["digest"] for r in rows}
+
+    async def delete_unreferenced(self, candidates: set[str], delete: Callable[[str], int]) -> tuple[int, int]:
+        """Under the write lock (so no upload can publish and record meanwhile), delete candidates still unused."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(_REFERENCED)
+            referenced = {r["digest"] for r in await cur.fetchall()}  # type: ignore[index]
+            doomed = candidates - referenced
+            return len(doomed), sum(delete(digest) for digest in doomed)
 
     async def stored_references(self) -> list[Row]:
         """Every row that names a blob, for `verify`."""
@@ -301,6 +309,10 @@ class Database:
             "JOIN models m ON m.seq = v.model_seq UNION ALL "
             "SELECT m.id, v.number, a.format, a.digest, a.size FROM artifacts a JOIN versions v ON v.seq = a.version_seq "
             "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL")
+
+    async def integrity_check(self) -> str:
+        row = await self._one("PRAGMA integrity_check")
+        return str(next(iter(row.values()))) if row else "no answer"
 
     # api keys
 

@@ -3,23 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
+import os
 import re
+import secrets
 import sqlite3
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from . import auth, formats
 from .blobstore import BlobStore, StagedBlob
+from .uploads import UploadedFile
 from .config import Config
 from .conversions import TARGETS, ConversionPool
 from .db import Database, Row
-from .errors import BadRequest, Conflict, NotFound, OctomilError
+from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
 from .sandbox import Limits, SandboxError, run_task
 from .schemas import (
     DOWNLOAD_FORMATS,
@@ -37,7 +43,7 @@ from .schemas import (
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ONNX_CHECK_LIMITS = Limits(timeout=300.0, cpu_seconds=300)
-PENDING_RETRY_AFTER = 5
+PENDING_RETRY_AFTER = 2
 
 
 def utc_now() -> str:
@@ -63,11 +69,24 @@ class KeyInfo:
     scope: str
 
 
-def _model_id(value: str) -> str:
+def _secret(path: Path) -> bytes:
+    """The registry's signing key for download links, made on first use and readable only by its owner."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    with os.fdopen(fd, "wb") as f:
+        f.write(secrets.token_bytes(32))
+        f.flush()
+        os.fsync(f.fileno())
+    return path.read_bytes()
+
+
+def _canonical_uuid(value: str) -> str | None:
     try:
         return str(uuid.UUID(value))
     except ValueError:
-        raise NotFound(f"No model with id '{value[:100]}'.") from None
+        return None
 
 
 def _summary(v: Row) -> VersionSummary:
@@ -87,10 +106,11 @@ def _format_status(a: Row) -> FormatStatus:
 class Registry:
     """Models, versions, blobs, conversions and keys of one data directory."""
 
-    def __init__(self, config: Config, db: Database, blobs: BlobStore):
+    def __init__(self, config: Config, db: Database, blobs: BlobStore, secret: bytes):
         self.config = config
         self.db = db
         self.blobs = blobs
+        self._secret = secret
         self.pool = ConversionPool(db, blobs, Limits(timeout=config.conversion_timeout,
                                                      memory_bytes=config.conversion_memory_bytes),
                                    config.conversion_workers, utc_now)
@@ -100,7 +120,7 @@ class Registry:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         blobs = BlobStore(config.data_dir)
         db = await Database.open(config.data_dir / "registry.sqlite3")
-        return cls(config, db, blobs)
+        return cls(config, db, blobs, _secret(config.data_dir / "secret.key"))
 
     async def start(self) -> None:
         """Serving: sweep leftovers of a previous run and start converting."""
@@ -124,20 +144,33 @@ class Registry:
             description=row["description"], created_at=row["created_at"],
         )
 
-    async def _model_row(self, model_id: str) -> Row:
-        row = await self.db.get_model(_model_id(model_id))
+    async def _model_row(self, ref: str) -> Row:
+        """A model by its id or (Octomil SDK style) its unique name."""
+        model_id = _canonical_uuid(ref)
+        row = None
+        if model_id is not None:
+            row = await self.db.get_model(model_id)
+        elif len(ref) <= 200:
+            row = await self.db.get_model(name=ref)
         if row is None:
-            raise NotFound(f"No model with id '{model_id}'.")
+            raise NotFound(f"No model with id or name '{ref[:100]}'.")
         return row
 
-    async def create_model(self, req: CreateModel) -> Model:
+    async def create_model(self, req: CreateModel) -> tuple[Model, bool]:
+        """Create a model; one with the same name and no contradicting field is returned instead (created False)."""
+        if req.name is not None and (existing := await self.db.get_model(name=req.name)):
+            clashes = [f for f in ("framework", "use_case") if getattr(req, f) not in (None, existing[f])]
+            if clashes:
+                raise Conflict(f"A model named '{req.name}' already exists with a different {clashes[0]}; "
+                               "names are unique.")
+            return self._model(existing), False
         row = {f: getattr(req, f) for f in req.__struct_fields__}
         row.update(id=str(uuid.uuid4()), is_baseline=int(bool(req.is_baseline)), created_at=utc_now())
         try:
             await self.db.insert_model(row)
         except sqlite3.IntegrityError:
-            raise Conflict(f"A model named '{req.name}' already exists; names are unique.") from None
-        return self._model({**row, "digest": None, "size": None})
+            raise Conflict(f"A model named '{req.name}' was created at the same moment; retry.") from None
+        return self._model({**row, "digest": None, "size": None}), True
 
     async def update_model(self, model_id: str, req: UpdateModel) -> Model:
         row = await self._model_row(model_id)
@@ -155,8 +188,10 @@ class Registry:
         if not await self.db.delete_model(row["seq"]):
             raise NotFound(f"No model with id '{model_id}'.")
 
-    async def list_models(self, limit: int, offset: int, framework: str | None, is_baseline: bool | None) -> ModelList:
-        rows, total = await self.db.list_models(limit, offset, framework, is_baseline)
+    async def list_models(self, limit: int, offset: int, **filters: str | bool | None) -> ModelList:
+        """A page of models, newest first; filters (framework, is_baseline, name, use_case) that are None match all."""
+        given = {column: value for column, value in filters.items() if value is not None}
+        rows, total = await self.db.list_models(limit, offset, given)
         return ModelList(models=[self._model(r) for r in rows], total=total, limit=limit, offset=offset)
 
     async def get_model(self, model_id: str) -> ModelDetail:
@@ -175,23 +210,28 @@ class Registry:
     def stage_upload(self) -> StagedBlob:
         return self.blobs.stage()
 
-    async def upload_version(self, model_id: str, staged: StagedBlob, filename: str, form: UploadForm) -> UploadedVersion:
-        """Turn finished, staged bytes into the model's next version (the caller discards `staged` on error)."""
+    async def upload_version(self, model_id: str, files: dict[str, UploadedFile], form: UploadForm) -> UploadedVersion:
+        """Turn finished, staged bytes into the model's next version (the caller discards the staged files)."""
         row = await self._model_row(model_id)
+        upload = files["file"]
+        staged = upload.staged
         if staged.size == 0:
             raise BadRequest("The uploaded file is empty.")
-        sniffed = await asyncio.to_thread(formats.sniff, staged.head, staged.path, staged.size, filename)
+        sniffed = await asyncio.to_thread(formats.sniff, staged.head, staged.path, staged.size, upload.filename)
         fmt = formats.resolve_format(form.format, sniffed)
         assert sniffed.kind is not None
         if form.label is not None and await self.db.get_version(row["seq"], label=form.label):
             raise Conflict(f"Model '{row['id']}' already has a version labelled '{form.label}'.")
         now = utc_now()
+        artifacts = [{"format": t, "status": "pending", "updated_at": now} for t in form.targets if t != "onnx"]
         if sniffed.kind == "onnx":
-            signature = (await self._check_onnx(staged)).get("signature")
-            artifact = {"format": "onnx", "status": "ready", "digest": staged.digest, "size": staged.size,
-                        "signature": json.dumps(signature), "converter": "original upload", "updated_at": now}
+            staged, signature = await self._checked_onnx(staged, files.get("onnx_data"))
+            artifacts.append({"format": "onnx", "status": "ready", "digest": staged.digest, "size": staged.size,
+                              "signature": json.dumps(signature), "converter": "original upload", "updated_at": now})
+        elif "onnx_data" in files:
+            raise BadRequest("An 'onnx_data' part only goes with an ONNX model in 'file'.")
         else:
-            artifact = {"format": "onnx", "status": "pending", "updated_at": now}
+            artifacts.append({"format": "onnx", "status": "pending", "updated_at": now})
         version = {"label": form.label, "format": fmt, "kind": sniffed.kind, "digest": staged.digest,
                    "size": staged.size, "description": form.description, "round_id": form.round_id,
                    "accuracy": form.accuracy, "loss": form.loss, "uploaded_at": now,
@@ -202,19 +242,32 @@ class Registry:
             await self.blobs.commit(staged)
 
         try:
-            number = await self.db.insert_version(row["seq"], version, figures, [artifact], publish)
+            number = await self.db.insert_version(row["seq"], version, figures, artifacts, publish)
         except sqlite3.IntegrityError:
             raise Conflict(f"Model '{row['id']}' already has a version labelled '{form.label}'.") from None
+        finally:
+            await staged.discard()
         if number is None:
             raise NotFound(f"Model '{model_id}' was deleted during the upload.")
         self.pool.wake()
         return UploadedVersion(model_id=row["id"], version=number, label=form.label, format=fmt,
                                model_path=self.blobs.uri(staged.digest), model_size_bytes=staged.size,
-                               model_hash=f"sha256:{staged.digest}", description=form.description, uploaded_at=now)
+                               model_hash=f"sha256:{staged.digest}", description=form.description, uploaded_at=now,
+                               formats={a["format"]: a["status"] for a in artifacts})
 
-    async def _check_onnx(self, staged: StagedBlob) -> dict[str, Any]:
+    async def _checked_onnx(self, staged: StagedBlob, data: UploadedFile | None) -> tuple[StagedBlob, Any]:
+        """Validate an ONNX upload in a child; with external weights, fold them into one self-contained file."""
+        if data is None:
+            result = await self._sandboxed("check-onnx", {"path": str(staged.path)})
+            return staged, result.get("signature")
+        folded = self.blobs.tmp / f"{staged.path.name}.folded.onnx"
+        result = await self._sandboxed("fold-onnx", {"path": str(staged.path), "data": str(data.staged.path),
+                                                     "data_name": data.filename, "out": str(folded)})
+        return await self.blobs.stage_file(folded), result.get("signature")
+
+    async def _sandboxed(self, task: str, payload: dict[str, Any]) -> dict[str, Any]:
         try:
-            result = await run_task("check-onnx", {"path": str(staged.path)}, ONNX_CHECK_LIMITS, self.blobs.tmp)
+            result = await run_task(task, payload, ONNX_CHECK_LIMITS, self.blobs.tmp)
         except SandboxError as exc:
             raise BadRequest(f"The ONNX model could not be checked: {exc}.") from exc
         if not result.get("ok"):
@@ -276,6 +329,34 @@ class Registry:
                            headers={"Retry-After": str(PENDING_RETRY_AFTER)})
         raise NotFound(f"Version {number} cannot be downloaded as {fmt}: {artifact['reason']}")
 
+    # signed download links: the local counterpart of a pre-signed S3 URL
+
+    def _signature(self, model_id: str, number: int, fmt: str, expires: int) -> str:
+        message = f"{model_id}\n{number}\n{fmt}\n{expires}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+
+    async def sign_download(self, model_id: str, ref: str, fmt: str | None, ttl: int) -> tuple[str, str]:
+        """A key-less path (with query) to one version's format, valid for `ttl` seconds, and its expiry time."""
+        fmt = fmt or "original"
+        if fmt not in DOWNLOAD_FORMATS:
+            raise BadRequest(f"Query parameter 'format' must be one of {', '.join(DOWNLOAD_FORMATS)}; got '{fmt[:50]}'.")
+        model, version = await self._version_row(model_id, ref)
+        expires = int(time.time()) + ttl
+        signature = self._signature(model["id"], version["number"], fmt, expires)
+        path = (f"/signed/models/{model['id']}/versions/{version['number']}/download"
+                f"?format={fmt}&expires={expires}&signature={signature}")
+        return path, datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def check_signature(self, model_id: str, version: str, fmt: str, expires: str, signature: str) -> None:
+        """Refuse a signed link that was altered, made for another file, or has expired."""
+        if not (version.isdigit() and expires.isdigit() and len(version) < 10 and len(expires) < 12):
+            raise Forbidden("This download link is malformed; ask for a new one with download-url.")
+        expected = self._signature(model_id, int(version), fmt, int(expires))
+        if not hmac.compare_digest(expected, signature):
+            raise Forbidden("This download link's signature does not match; ask for a new one with download-url.")
+        if int(expires) < time.time():
+            raise Forbidden("This download link has expired; ask for a new one with download-url.")
+
     def open_artifact(self, artifact: Artifact) -> int:
         """A read-only descriptor on the artifact's blob."""
         try:
@@ -283,6 +364,49 @@ class Registry:
         except OSError as exc:
             raise OctomilError(f"The stored bytes of {artifact.filename} are missing or unreadable ({exc.strerror}); "
                                "run 'octomil-lite verify'.") from None
+
+    # maintenance
+
+    async def gc(self, grace: float, dry_run: bool) -> dict[str, int]:
+        """Delete blobs no row references and temp files, both untouched for `grace` seconds."""
+        referenced = await self.db.referenced_digests()
+        cutoff = time.time() - grace
+        candidates = set()
+        for digest in self.blobs.digests():
+            if digest not in referenced and self.blobs.path(digest).lstat().st_mtime < cutoff:
+                candidates.add(digest)
+        if dry_run:
+            sizes = sum(self.blobs.path(d).lstat().st_size for d in candidates)
+            temps = self.blobs.sweep_tmp(older_than=grace, dry_run=True)
+            return {"blobs": len(candidates), "blob_bytes": sizes, "temp_files": temps[0], "temp_bytes": temps[1]}
+        count, freed = await self.db.delete_unreferenced(candidates, self.blobs.delete)
+        temps = self.blobs.sweep_tmp(older_than=grace)
+        return {"blobs": count, "blob_bytes": freed, "temp_files": temps[0], "temp_bytes": temps[1]}
+
+    async def verify(self) -> tuple[list[str], dict[str, int]]:
+        """Re-hash every blob and check every row against the store; return (problems, counts)."""
+        problems: list[str] = []
+        stored = set(self.blobs.digests())
+        checked = checked_bytes = 0
+        for digest in sorted(stored):
+            actual, size = await asyncio.to_thread(self.blobs.rehash, digest)
+            checked, checked_bytes = checked + 1, checked_bytes + size
+            if actual != digest:
+                problems.append(f"blob {digest} is corrupt: its bytes hash to {actual}")
+        rows = await self.db.stored_references()
+        for row in rows:
+            where = f"model {row['model_id']} version {row['number']} ({row['format']})"
+            if row["digest"] not in stored:
+                problems.append(f"{where} points at missing blob {row['digest']}")
+            elif self.blobs.path(row["digest"]).lstat().st_size != row["size"]:
+                problems.append(f"{where} records {row['size']} bytes but blob {row['digest']} has a different size")
+        integrity = await self.db.integrity_check()
+        if integrity != "ok":
+            problems.append(f"SQLite integrity check: {integrity}")
+        referenced = {r["digest"] for r in rows}
+        temps = self.blobs.sweep_tmp(older_than=0, dry_run=True)
+        return problems, {"blobs": checked, "bytes": checked_bytes, "rows": len(rows),
+                          "orphan_blobs": len(stored - referenced), "temp_files": temps[0]}
 
     # api keys
 
@@ -306,8 +430,11 @@ class Registry:
         if not await self.db.revoke_key(name, utc_now()):
             raise NotFound(f"No active key named '{name}'.")
 
-    async def has_keys(self) -> bool:
-        return await self.db.count_active_keys() > 0
+    async def first_admin_key(self) -> str | None:
+        """On a registry with no active key, make one admin key (returned once); otherwise None."""
+        if await self.db.count_active_keys() > 0:
+            return None
+        return await self.create_key("admin", "admin")
 
     async def authenticate(self, key: str) -> KeyInfo | None:
         if not key.startswith(auth.KEY_PREFIX) or len(key) > 128:

@@ -102,6 +102,11 @@ class ModelList(Schema):
     offset: int
 
 
+class SignedUrl(Schema):
+    url: str
+    expires_at: str
+
+
 class UploadedVersion(Schema):
     model_id: str
     version: int
@@ -112,6 +117,7 @@ class UploadedVersion(Schema):
     model_hash: str
     description: str | None
     uploaded_at: str
+    formats: dict[str, str]
 
 
 class CreateModel(msgspec.Struct, kw_only=True):
@@ -145,6 +151,7 @@ class UploadForm(msgspec.Struct, kw_only=True):
     """The text fields of an upload, after multipart parsing and validation."""
 
     format: str | None = None
+    targets: list[str] = msgspec.field(default_factory=list)
     description: str | None = None
     label: str | None = None
     round_id: str | None = None

@@ -17,13 +17,25 @@ MAX_FIELD_BYTES = 64 * 1024
 MAX_PARTS = 64
 
 
+FILE_PARTS = ("file", "onnx_data")  # the model, and (Octomil SDK) an ONNX model's external weights
+
+
+@dataclass
+class UploadedFile:
+    staged: StagedBlob
+    filename: str
+
+
 @dataclass
 class ParsedUpload:
-    """What a finished upload body held: the file (staged, not yet committed) and the text fields."""
+    """What a finished upload body held: its files (staged, not yet committed) and its text fields."""
 
-    staged: StagedBlob | None = None
-    filename: str = ""
+    files: dict[str, UploadedFile] = field(default_factory=dict)
     fields: dict[str, str] = field(default_factory=dict)
+
+    async def discard(self) -> None:
+        for upload in self.files.values():
+            await upload.staged.discard()
 
 
 def boundary_of(content_type: str) -> str:
@@ -40,9 +52,9 @@ def _too_large(limit: int) -> PayloadTooLarge:
 
 async def receive_upload(chunks: AsyncIterator[bytes], boundary: str, limit: int,
                          stage: Callable[[], StagedBlob]) -> ParsedUpload:
-    """Parse the body as it arrives; the 'file' part is hashed and written as it streams.
+    """Parse the body as it arrives; file parts are hashed and written as they stream.
 
-    On any error the staged blob (if any) is discarded before the error propagates.
+    On any error the staged blobs are discarded before the error propagates.
     """
     result = ParsedUpload()
     parser = PushMultipartParser(boundary, max_header_size=8 * 1024, max_header_count=16,
@@ -59,41 +71,39 @@ async def receive_upload(chunks: AsyncIterator[bytes], boundary: str, limit: int
                 if isinstance(event, MultipartSegment):
                     current, text = _start_part(event, result, stage), bytearray()
                 elif event is None:
-                    if current not in (None, "file", "") and current not in result.fields:
+                    if current not in (None, "", *FILE_PARTS) and current not in result.fields:
                         result.fields[current] = _decode(current, text)
                     current = None
-                elif current == "file":
-                    assert result.staged is not None
-                    if result.staged.size + len(event) > limit:
+                elif current in FILE_PARTS:
+                    staged = result.files[current].staged
+                    if staged.size + len(event) > limit:
                         raise _too_large(limit)
-                    await result.staged.write(event)
+                    await staged.write(event)
                 elif current:
                     text += event
                     if len(text) > MAX_FIELD_BYTES:
                         raise BadRequest(f"Form field '{current[:50]}' is longer than {MAX_FIELD_BYTES} bytes.")
         parser.close()
-        if result.staged is None:
+        if "file" not in result.files:
             raise BadRequest("The upload has no 'file' part; send the model as the form field 'file'.")
-        await result.staged.finish()
+        for upload in result.files.values():
+            await upload.staged.finish()
     except MultipartError as exc:
-        if result.staged is not None:
-            await result.staged.discard()
+        await result.discard()
         raise BadRequest(f"The multipart body is malformed: {exc}.") from None
     except BaseException:
-        if result.staged is not None:
-            await result.staged.discard()
+        await result.discard()
         raise
     return result
 
 
 def _start_part(segment: MultipartSegment, result: ParsedUpload, stage: Callable[[], StagedBlob]) -> str | None:
     name = segment.name or ""
-    if name == "file":
-        if result.staged is not None:
-            raise BadRequest("The upload has more than one 'file' part; send one model per upload.")
-        result.staged = stage()
-        result.filename = segment.filename or ""
-        return "file"
+    if name in FILE_PARTS:
+        if name in result.files:
+            raise BadRequest(f"The upload has more than one '{name}' part; send one model per upload.")
+        result.files[name] = UploadedFile(stage(), segment.filename or "")
+        return name
     if segment.filename is not None:
         return None  # a file part this registry does not use: its bytes are skipped
     return name
@@ -148,10 +158,17 @@ def _label(value: str | None) -> str | None:
     return label
 
 
+def _targets(value: str | None) -> list[str]:
+    # The Octomil SDK's `formats`: conversions wanted, comma-separated; ones we cannot make are ignored.
+    wanted = [part.strip().lower() for part in (value or "").split(",")]
+    return [target for target in ("onnx", "tflite", "coreml") if target in wanted]
+
+
 def upload_form(fields: dict[str, str]) -> UploadForm:
     """Validate the text fields of an upload; unknown fields are ignored, as the hosted API does."""
     return UploadForm(
-        format=(fields.get("format") or fields.get("formats") or "").strip() or None,
+        format=(fields.get("format") or "").strip() or None,
+        targets=_targets(fields.get("formats")),
         description=_text("description", fields.get("description"), 1000),
         label=_label(fields.get("version")),
         round_id=_text("round_id", fields.get("round_id") or None, 200),

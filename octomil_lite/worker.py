@@ -28,6 +28,35 @@ def check_onnx(payload: dict[str, Any]) -> dict[str, Any]:
     return {"ok": True, "signature": onnx_signature(model)}
 
 
+def fold_onnx(payload: dict[str, Any]) -> dict[str, Any]:
+    """Fold an uploaded external-weights file into its ONNX model, refusing any other reference."""
+    import os
+
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+
+    try:
+        model = onnx.load(payload["path"], load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
+        return {"ok": False, "reason": f"not a readable ONNX model ({type(exc).__name__})"}
+    name = os.path.basename(payload["data_name"].replace("\\", "/"))
+    for tensor in _all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
+        if location != name or not name or name in (".", ".."):
+            return {"ok": False, "reason": f"tensor '{tensor.name}' references external data '{location[:100]}', "
+                                           f"but the uploaded onnx_data file is '{name[:100]}'"}
+    os.replace(payload["data"], name)  # moved into this empty working directory; onnx refuses hard links
+    try:
+        load_external_data_for_model(model, ".")
+        onnx.checker.check_model(model, full_check=False)
+        onnx.save_model(model, payload["out"])
+    except Exception as exc:  # noqa: BLE001
+        return {"ok": False, "reason": f"the model and its onnx_data do not fit together: {str(exc).splitlines()[0][:300]}"}
+    return {"ok": True, "signature": onnx_signature(model)}
+
+
 def _all_tensors(model: Any) -> Any:
     from onnx.external_data_helper import _get_all_tensors
 
@@ -59,6 +88,8 @@ def main() -> None:
     payload = json.loads(sys.stdin.read())
     if task == "check-onnx":
         result = check_onnx(payload)
+    elif task == "fold-onnx":
+        result = fold_onnx(payload)
     elif task == "convert":
         from octomil_lite.convert import run_job
 

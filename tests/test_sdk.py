@@ -1,0 +1,282 @@
+"""The official Octomil Python SDK (octomil-sdk==4.1.2), unmodified, against a real `octomil-lite serve`.
+
+The SDK runs in its own virtualenv (it pulls pandas and pyarrow, which the project does not need):
+`$OCTOMIL_SDK_PYTHON` if set (it must then have the SDK), else `.sdkvenv/` at the repository root
+(which .ci/run makes), else one this module makes in the pytest cache. When none can be had
+(no package index) the tests are skipped, saying why.
+
+tests/sdk_script.py makes the SDK calls and prints what each returned, with every HTTP request
+the SDK sent; a failing test shows the requests of the step that failed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from conftest import Server, bearer
+
+SDK_REQUIREMENT = "octomil-sdk==4.1.2"
+SDK_VERSION = "4.1.2"
+HERE = Path(__file__).resolve().parent
+SCRIPT = HERE / "sdk_script.py"
+
+
+def _sdk_version(python: str) -> str | None:
+    try:
+        out = subprocess.run([python, "-c", "import octomil; print(octomil.__version__)"],
+                             capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@pytest.fixture(scope="session")
+def sdk_python(request: pytest.FixtureRequest) -> str:
+    given = os.environ.get("OCTOMIL_SDK_PYTHON")
+    if given:
+        found = _sdk_version(given)
+        assert found == SDK_VERSION, f"OCTOMIL_SDK_PYTHON={given} does not have {SDK_REQUIREMENT} (found {found})"
+        return given
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    made = Path(str(cache.mkdir("octomil-sdk"))) if cache else Path(tempfile.gettempdir()) / "octomil-lite-sdk"
+    for venv in (HERE.parent / ".sdkvenv", made / SDK_VERSION):
+        python = venv / "bin" / "python"
+        if python.exists() and _sdk_version(str(python)) == SDK_VERSION:
+            return str(python)
+    # Make one in the pytest cache: a fresh venv with the SDK from the package index.
+    try:
+        subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True,
+                       capture_output=True, text=True, timeout=300)
+        out = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                              SDK_REQUIREMENT], capture_output=True, text=True, timeout=900, check=False)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot make a virtualenv for {SDK_REQUIREMENT}: {exc}")
+    if out.returncode != 0 or _sdk_version(str(python)) != SDK_VERSION:
+        pytest.skip(f"cannot install {SDK_REQUIREMENT} (no package index?); set OCTOMIL_SDK_PYTHON or make "
+                    f".sdkvenv as .ci/run does. pip said: {(out.stderr or out.stdout)[-600:]}")
+    return str(python)
+
+
+def _onnx(seed: int) -> bytes:
+    from skl2onnx import to_onnx
+    from sklearn.linear_model import LinearRegression
+
+    rng = np.random.RandomState(seed)
+    x = rng.rand(20, 3).astype(np.float32)
+    model = LinearRegression().fit(x, x @ rng.rand(3))
+    return to_onnx(model, x[:1]).SerializeToString()  # type: ignore[no-any-return]
+
+
+def _make_key(home: Path, scope: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "octomil_lite.cli", "keys", "create", "--name", f"sdk-{scope}",
+                          "--scope", scope], capture_output=True, text=True, check=True,
+                         env={**os.environ, "OCTOMIL_LITE_HOME": str(home)})
+    return out.stdout.strip()
+
+
+class SdkRun:
+    """The server, the files uploaded, and what the SDK script reported for both phases."""
+
+    def __init__(self, server: Server, key: str, files: dict[str, bytes], names: dict[str, str],
+                 main: dict[str, Any], again: dict[str, Any]):
+        self.server = server
+        self.key = key
+        self.files = files
+        self.names = names
+        self.main = main
+        self.again = again
+
+    def step(self, name: str, phase: str = "main") -> Any:
+        """The value a step returned; fails showing the SDK's error and the HTTP exchange when it raised."""
+        report = self.main if phase == "main" else self.again
+        got = report["steps"][name]
+        if not got["ok"]:
+            exchange = "\n".join(json.dumps(report["trace"][i]) for i in got["requests"])
+            pytest.fail(f"SDK step {name} raised {got['error']}\nHTTP requests it sent:\n{exchange}", pytrace=False)
+        return got["value"]
+
+    def requests(self, name: str, phase: str = "main") -> list[dict[str, Any]]:
+        report = self.main if phase == "main" else self.again
+        return [report["trace"][i] for i in report["steps"][name]["requests"]]
+
+    def models_named(self, name: str) -> list[dict[str, Any]]:
+        found = []
+        with httpx.Client(base_url=self.server.url, headers=bearer(self.key), timeout=30) as client:
+            offset = 0
+            while True:
+                page = client.get("/api/v1/models", params={"limit": 100, "offset": offset}).json()
+                found += [m for m in page["models"] if m.get("name") == name]
+                offset += len(page["models"])
+                if not page["models"] or offset >= page["total"]:
+                    return found
+
+
+def _run_script(python: str, phase: str, config: Path, key: str) -> dict[str, Any]:
+    env = {**os.environ, "OCTOMIL_LITE_TEST_KEY": key}
+    env.pop("OCTOMIL_DEVICE_TYPE", None)  # would make download() ask for a device-specific format
+    proc = subprocess.run([python, str(SCRIPT), phase, str(config)], capture_output=True, text=True,
+                          timeout=600, env=env, check=False)
+    assert proc.returncode == 0, f"sdk_script.py {phase} exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def sdk(sdk_python: str, tmp_path_factory: pytest.TempPathFactory, onnx_bytes: bytes,
+        sklearn_pickle: bytes) -> Iterator[SdkRun]:
+    root = tmp_path_factory.mktemp("sdk")
+    server = Server(root / "data")
+    try:
+        key = _make_key(server.data_dir, "write")  # what a hosted user's key can do: no admin needed
+        files = {"onnx_v1": onnx_bytes, "onnx_v2": _onnx(1), "pkl": sklearn_pickle}
+        for name, data in files.items():
+            (root / f"{name}.{'pkl' if name == 'pkl' else 'onnx'}").write_bytes(data)
+        tag = uuid.uuid4().hex[:6]
+        names = {"onnx": f"sdk-onnx-{tag}", "pkl": f"sdk-pkl-{tag}", "formats": f"sdk-formats-{tag}"}
+        config = root / "config.json"
+        config.write_text(json.dumps({
+            "api_base": f"{server.url}/api/v1", "out_dir": str(root / "out"), "names": names,
+            "onnx_v1": str(root / "onnx_v1.onnx"), "onnx_v2": str(root / "onnx_v2.onnx"), "pkl": str(root / "pkl.pkl"),
+        }))
+        main = _run_script(sdk_python, "main", config, key)
+        # More models than one default page (20): the SDK lists GET /models?org_id=... with no limit.
+        with httpx.Client(base_url=server.url, headers=bearer(key), timeout=30) as client:
+            for i in range(25):
+                resp = client.post("/api/v1/models", json={"framework": "sklearn", "description": f"filler {i}"})
+                assert resp.status_code == 201, resp.text
+        again = _run_script(sdk_python, "again", config, key)
+        yield SdkRun(server, key, files, names, main, again)
+    finally:
+        server.stop()
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_ensure_model_creates_then_finds_by_name(sdk: SdkRun) -> None:
+    first = sdk.step("ensure_onnx")
+    assert first["name"] == sdk.names["onnx"]
+    assert first["framework"] == "sklearn"
+    assert first.get("use_case") == "regression"
+    again = sdk.step("ensure_onnx_again")
+    assert again["id"] == first["id"]
+    assert len(sdk.models_named(sdk.names["onnx"])) == 1
+    assert sdk.step("ensure_pkl")["id"] != first["id"]
+
+
+def test_ensure_model_finds_a_model_beyond_the_first_page(sdk: SdkRun) -> None:
+    """25 newer models later, ensure_model must still find (not duplicate) the model, and pull_model by name."""
+    first = sdk.step("ensure_onnx")
+    again = sdk.step("ensure_onnx_again", phase="again")
+    assert again["id"] == first["id"]
+    assert len(sdk.models_named(sdk.names["onnx"])) == 1
+    assert sdk.step("pull_onnx_by_name_again", phase="again")["sha256"] == sha(sdk.files["onnx_v2"])
+
+
+def test_upload_version_from_path_with_labels(sdk: SdkRun) -> None:
+    model_id = sdk.step("ensure_onnx")["id"]
+    for step, name in (("upload_onnx_v1", "onnx_v1"), ("upload_onnx_v2", "onnx_v2")):
+        got = sdk.step(step)
+        assert got["model_id"] == model_id
+        assert got["format"] == "onnx"
+        assert got["model_hash"] == "sha256:" + sha(sdk.files[name])
+        assert got["model_size_bytes"] == len(sdk.files[name])
+    got = sdk.step("upload_pkl")
+    assert got["format"] == "sklearn"
+    assert got["model_hash"] == "sha256:" + sha(sdk.files["pkl"])
+    sent = sdk.requests("upload_onnx_v1")[-1]
+    assert sent["form"] == {"version": "1.0.0", "description": "first fit"} and sent["files"] == {"file": "onnx_v1.onnx"}
+
+
+def test_upload_formats_means_conversion_targets(sdk: SdkRun) -> None:
+    """`formats="onnx"` on a pickle asks for an ONNX conversion; it does not claim the file is ONNX."""
+    got = sdk.step("upload_pkl_formats_onnx")
+    assert got["format"] == "sklearn"
+    assert got["model_hash"] == "sha256:" + sha(sdk.files["pkl"])
+
+
+def test_list_models(sdk: SdkRun) -> None:
+    listed = sdk.step("list_models")
+    names = {m.get("name") for m in listed["models"]}
+    assert set(sdk.names.values()) <= names
+    assert listed["limit"] == 100 and listed["offset"] == 0
+    assert set(sdk.names.values()) <= {m.get("name") for m in sdk.step("list_models_framework")["models"]}
+    by_use_case = {m.get("name") for m in sdk.step("list_models_use_case")["models"]}
+    assert {sdk.names["pkl"], sdk.names["formats"]} <= by_use_case
+    assert sdk.names["onnx"] not in by_use_case
+
+
+def test_get_model(sdk: SdkRun) -> None:
+    got = sdk.step("get_model_onnx")
+    assert got["name"] == sdk.names["onnx"] and got.get("use_case") == "regression"
+    assert [v["model_hash"] for v in got["versions"]] == ["sha256:" + sha(sdk.files[n]) for n in ("onnx_v1", "onnx_v2")]
+    assert got["model_hash"] == "sha256:" + sha(sdk.files["onnx_v2"])
+    assert sdk.step("get_model_pkl")["name"] == sdk.names["pkl"]
+    assert sdk.step("resolve_model_id_onnx") == got["id"]
+
+
+def test_get_latest_version(sdk: SdkRun) -> None:
+    # The SDK returns str(response["version"]) and puts it in later paths; the label or the number both work.
+    assert sdk.step("get_latest_version_onnx") in ("1.1.0", "2")
+    assert sdk.step("get_latest_version_info_onnx")["version"] in ("1.1.0", 2)
+
+
+def test_download_writes_the_uploaded_bytes(sdk: SdkRun) -> None:
+    expected = {"download_onnx_latest": "onnx_v2", "download_onnx_v1_default_format": "onnx_v1",
+                "download_pkl_sklearn": "pkl", "download_pkl_original": "pkl"}
+    for step, name in expected.items():
+        got = sdk.step(step)
+        assert got["sha256"] == sha(sdk.files[name]), step
+        assert Path(got["path"]).read_bytes() == sdk.files[name], step
+    assert Path(sdk.step("download_onnx_latest")["path"]).name == "model.onnx"
+
+
+def test_download_url_is_signed_and_needs_no_key(sdk: SdkRun) -> None:
+    payload = sdk.step("get_download_url_onnx")
+    url = payload["url"]
+    assert url.startswith(sdk.server.url + "/"), url  # absolute: the SDK GETs it with a bare httpx.Client
+    assert isinstance(payload.get("expires_at"), str)
+    fetched = [r for r in sdk.requests("download_onnx_v1_default_format") if r["method"] == "GET"][-1]
+    assert fetched["auth"] is None and fetched["status"] == 200
+    resp = httpx.get(url, timeout=30)  # no key, no redirects followed (neither does the SDK)
+    assert resp.status_code == 200 and resp.content == sdk.files["onnx_v1"]
+    assert resp.headers["x-model-hash"] == "sha256:" + sha(sdk.files["onnx_v1"])
+    tampered = url[:-2] + ("AA" if not url.endswith("AA") else "BB")
+    assert httpx.get(tampered, timeout=30).status_code in (401, 403)
+
+
+def test_pull_model_returns_the_uploaded_bytes(sdk: SdkRun) -> None:
+    expected = {"pull_onnx_by_name": "onnx_v2", "pull_onnx_by_id_label": "onnx_v1",
+                "pull_pkl_by_name_label": "pkl", "pull_pkl_original": "pkl"}
+    for step, name in expected.items():
+        assert sdk.step(step)["sha256"] == sha(sdk.files[name]), step
+    sent = sdk.requests("pull_onnx_by_name")
+    assert httpx.URL(sent[-1]["url"]).path.endswith("/versions/2/download") or \
+        httpx.URL(sent[-1]["url"]).path.endswith("/versions/1.1.0/download")
+    assert all(r["auth"] == "Bearer" for r in sent)
+
+
+def test_sdk_never_sees_a_server_error(sdk: SdkRun) -> None:
+    errors = [r for report in (sdk.main, sdk.again) for r in report["trace"] if r["status"] >= 500]
+    assert not errors, errors
+
+
+def test_informational_calls_fail_cleanly(sdk: SdkRun) -> None:
+    """Calls that may fail (a conversion not ready, a format the model lacks) fail with a JSON 4xx, not a hang."""
+    for step in ("download_pkl_onnx", "pull_onnx_default_format"):
+        got = sdk.main["steps"][step]
+        if not got["ok"]:
+            last = sdk.requests(step)[-1]
+            assert 400 <= last["status"] < 500 and "error" in json.loads(last["body"]), (step, last)

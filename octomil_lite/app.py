@@ -19,7 +19,7 @@ from .auth import RateLimiter, scope_allows
 from .config import Config
 from .controllers import ModelController, health, signed_download
 from .convert import available_conversions
-from .errors import Forbidden, OctomilError, RateLimited, Unauthorized
+from .errors import BadRequest, Forbidden, OctomilError, RateLimited, Unauthorized
 from .registry import KeyInfo, Registry
 from .schemas import ErrorBody
 from .web import openapi_config
@@ -54,6 +54,8 @@ def _on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respo
         first = exc.extra[0]
         where = {"query": "query parameter", "path": "path parameter", "body": "field"}.get(first.get("source"), "field")
         message = f"Invalid {where} '{first.get('key')}': {first.get('message')}."
+        if first.get("source") == "body" and first.get("key") == "data":
+            message = f"The request body must be a JSON object ({first.get('message')})."
         return _error(400, "bad_request", message, details=exc.extra)
     if status == 404:
         message = f"No such resource: {request.method} {request.url.path}."
@@ -113,26 +115,34 @@ async def _authenticate(scope: Scope) -> KeyInfo:
     return info
 
 
+async def _send_error(scope: Scope, send: Send, exc: OctomilError) -> None:
+    """Render an error outside Litestar's exception handling (before routing), in the same JSON shape."""
+    body = msgspec.json.encode(ErrorBody(error=exc.code, message=exc.message))
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())]
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+
+
 def authenticate_first(app: ASGIApp) -> ASGIApp:
     """Check the key of every /api/ request before routing, so that nothing (not even whether a route or method
     exists) is answered to a caller without a valid key; scopes are checked after routing, by auth_middleware."""
 
     async def handler(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and "\x00" in scope["path"]:
+            # no route takes a NUL, and the static files router would pass it to os.stat (a 500)
+            await _send_error(scope, send, BadRequest("The request path contains a NUL character."))
+            return
         if scope["type"] == "http" and _is_api(scope["path"]):
             try:
-                try:
-                    scope[_KEY_INFO] = await _authenticate(scope)  # type: ignore[literal-required]
-                except OctomilError:
-                    raise
-                except Exception as unexpected:  # outside Litestar's exception handling: render it here
-                    log.exception("authenticating %s %s raised", scope["method"], scope["path"])
-                    raise OctomilError("An unexpected error occurred; the server log has the details.") from unexpected
+                scope[_KEY_INFO] = await _authenticate(scope)  # type: ignore[literal-required]
             except OctomilError as exc:
-                body = msgspec.json.encode(ErrorBody(error=exc.code, message=exc.message))
-                headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                           *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers.items())]
-                await send({"type": "http.response.start", "status": exc.status, "headers": headers})
-                await send({"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body})
+                await _send_error(scope, send, exc)
+                return
+            except Exception:  # outside Litestar's exception handling: render it here
+                log.exception("authenticating %s %s raised", scope["method"], scope["path"])
+                await _send_error(scope, send, OctomilError("An unexpected error occurred; the server log has "
+                                                            "the details."))
                 return
         await app(scope, receive, send)
 

@@ -2,20 +2,33 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 from litestar import Controller, HttpMethod, Request, Response, delete, get, patch, post, route
 from litestar.di import NamedDependency
 from litestar.exceptions import InternalServerException
-from litestar.params import FromPath, FromQuery, QueryParameter
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import (
+    OpenAPIFormat,
+    OpenAPIMediaType,
+    OpenAPIResponse,
+    OpenAPIType,
+    Operation,
+    RequestBody,
+    Schema,
+)
+from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from . import __version__
 from .errors import BadRequest, PayloadTooLarge
 from .registry import Registry
 from .responses import BlobResponse, blob_response
 from .schemas import (
+    UPLOAD_FORMATS,
     CreateModel,
+    ErrorBody,
     Health,
     Model,
     ModelDetail,
@@ -57,10 +70,61 @@ def _decode(body: bytes, schema: type[T]) -> T:
         raise BadRequest("The request body must be a JSON object.") from None
 
 
+def _errors(*extra: int) -> dict[int, ResponseSpec]:
+    """The JSON error responses an /api/v1 operation can give, for the OpenAPI document."""
+    statuses = sorted({400, 401, 403, 404, 429, 500, *extra})
+    return {status: ResponseSpec(ErrorBody, description=_ERROR_TEXT[status], generate_examples=False)
+            for status in statuses}
+
+
+_ERROR_TEXT = {400: "Bad request: a field, parameter or file is invalid", 401: "Missing or invalid API key",
+               403: "The key's scope does not allow this", 404: "No such model, version or format (yet)",
+               409: "Conflict: a name or version label already exists", 413: "The upload is too large",
+               416: "The requested byte range is outside the file", 429: "Too many requests; see Retry-After",
+               500: "Unexpected server error", 507: "The registry's disk is full"}
+
+_UPLOAD_FORM = Schema(type=OpenAPIType.OBJECT, required=["file"], properties={
+    "file": Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY, description="The model file"),
+    "format": Schema(type=OpenAPIType.STRING, enum=list(UPLOAD_FORMATS),
+                     description="Source format; inferred from the bytes when absent"),
+    "description": Schema(type=OpenAPIType.STRING, max_length=1000),
+    "version": Schema(type=OpenAPIType.STRING, max_length=100, description="A label such as 1.0.0"),
+    "formats": Schema(type=OpenAPIType.STRING, description="Conversions wanted now, e.g. onnx,coreml,tflite"),
+    "round_id": Schema(type=OpenAPIType.STRING, max_length=200),
+    "accuracy": Schema(type=OpenAPIType.NUMBER),
+    "loss": Schema(type=OpenAPIType.NUMBER),
+    "input_shape": Schema(type=OpenAPIType.STRING, description="Example input shape, e.g. 1,3,32,32"),
+    "onnx_data": Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY,
+                        description="External weights of an ONNX model; folded into it"),
+})
+
+
+@dataclass
+class UploadOperation(Operation):
+    """The upload is parsed as it streams, so its multipart body is documented by hand."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(required=True, content={
+            "multipart/form-data": OpenAPIMediaType(schema=_UPLOAD_FORM)})
+
+
+@dataclass
+class DownloadOperation(Operation):
+    """Downloads answer with the model's bytes, not JSON."""
+
+    def __post_init__(self) -> None:
+        binary = {"application/octet-stream": OpenAPIMediaType(
+            schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY))}
+        assert self.responses is not None
+        self.responses["200"] = OpenAPIResponse(description="The model file", content=binary)
+        self.responses["206"] = OpenAPIResponse(description="Part of the model file (Range)", content=binary)
+        self.responses["304"] = OpenAPIResponse(description="Not modified (If-None-Match)")
+
+
 class ModelController(Controller):
     path = "/api/v1/models"
 
-    @get("/", opt={"scope": "read"})
+    @get("/", opt={"scope": "read"}, responses=_errors())
     async def list_models(
         self,
         registry: NamedDependency[Registry],
@@ -74,36 +138,42 @@ class ModelController(Controller):
         return await registry.list_models(limit, offset, framework=framework, is_baseline=is_baseline, name=name,
                                           use_case=use_case)
 
-    @post("/", opt={"scope": "write"}, status_code=201)
-    async def create_model(self, request: Request[Any, Any, Any], registry: NamedDependency[Registry]) -> Response[Model]:
+    # `data` documents the body in the OpenAPI schema; the handler re-decodes it strictly (Litestar coerces types).
+
+    @post("/", opt={"scope": "write"}, status_code=201,
+          responses={**_errors(409), 200: ResponseSpec(Model, description="A model of that name already existed")})
+    async def create_model(self, request: Request[Any, Any, Any], registry: NamedDependency[Registry],
+                           data: JSONBody[CreateModel | None] = None) -> Response[Model]:
         model, created = await registry.create_model(_decode(await request.body(), CreateModel))
         return Response(model, status_code=201 if created else 200)
 
-    @patch("/{model_id:str}", opt={"scope": "write"})
+    @patch("/{model_id:str}", opt={"scope": "write"}, responses=_errors(409))
     async def update_model(self, model_id: FromPath[str], request: Request[Any, Any, Any],
-                           registry: NamedDependency[Registry]) -> Model:
+                           registry: NamedDependency[Registry], data: JSONBody[UpdateModel | None] = None) -> Model:
         return await registry.update_model(model_id, _decode(await request.body(), UpdateModel))
 
-    @delete("/{model_id:str}", opt={"scope": "write"}, status_code=204)
+    @delete("/{model_id:str}", opt={"scope": "write"}, status_code=204, responses=_errors())
     async def delete_model(self, model_id: FromPath[str], registry: NamedDependency[Registry]) -> None:
         await registry.delete_model(model_id)
 
-    @get("/{model_id:str}/versions/{version:str}", opt={"scope": "read"})
+    @get("/{model_id:str}/versions/{version:str}", opt={"scope": "read"}, responses=_errors())
     async def get_version(self, model_id: FromPath[str], version: FromPath[str],
                           registry: NamedDependency[Registry]) -> VersionDetail:
         return await registry.get_version(model_id, version)
 
-    @delete("/{model_id:str}/versions/{version:str}", opt={"scope": "write"}, status_code=204)
+    @delete("/{model_id:str}/versions/{version:str}", opt={"scope": "write"}, status_code=204, responses=_errors())
     async def delete_version(self, model_id: FromPath[str], version: FromPath[str],
                              registry: NamedDependency[Registry]) -> None:
         await registry.delete_version(model_id, version)
 
-    @get("/{model_id:str}", opt={"scope": "read"})
+    @get("/{model_id:str}", opt={"scope": "read"}, responses=_errors())
     async def get_model(self, model_id: FromPath[str], registry: NamedDependency[Registry]) -> ModelDetail:
         return await registry.get_model(model_id)
 
-    @post("/{model_id:str}/versions/upload", opt={"scope": "write"}, status_code=201, request_max_body_size=None)
-    async def upload_version(self, model_id: FromPath[str], request: Request[Any, Any, Any], registry: NamedDependency[Registry]) -> UploadedVersion:
+    @post("/{model_id:str}/versions/upload", opt={"scope": "write"}, status_code=201, request_max_body_size=None,
+          operation_class=UploadOperation, responses=_errors(409, 413, 507))
+    async def upload_version(self, model_id: FromPath[str], request: Request[Any, Any, Any],
+                             registry: NamedDependency[Registry]) -> UploadedVersion:
         await registry.require_model(model_id)
         boundary = boundary_of(request.headers.get("content-type", ""))
         limit = registry.config.max_upload_size
@@ -117,7 +187,7 @@ class ModelController(Controller):
         finally:
             await parsed.discard()
 
-    @get("/{model_id:str}/versions/{version:str}/download-url", opt={"scope": "read"})
+    @get("/{model_id:str}/versions/{version:str}/download-url", opt={"scope": "read"}, responses=_errors())
     async def download_url(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
                            registry: NamedDependency[Registry], format: FromQuery[str | None] = None,
                            expires_in: Annotated[int, QueryParameter(ge=1, le=7 * 24 * 3600)] = 3600) -> SignedUrl:
@@ -125,7 +195,7 @@ class ModelController(Controller):
         return SignedUrl(url=str(request.base_url).rstrip("/") + path, expires_at=expires_at)
 
     @route("/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],
-           opt={"scope": "read"})
+           opt={"scope": "read"}, operation_class=DownloadOperation, responses=_errors(416))
     async def download(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
                        registry: NamedDependency[Registry], format: FromQuery[str | None] = None) -> BlobResponse:
         return await _serve(registry, request, model_id, version, format)
@@ -139,7 +209,7 @@ async def _serve(registry: Registry, request: Request[Any, Any, Any], model_id: 
 
 
 @route("/signed/models/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],
-       opt={"public": True})
+       opt={"public": True}, operation_class=DownloadOperation, responses=_errors(416))
 async def signed_download(model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
                           registry: NamedDependency[Registry], format: FromQuery[str] = "original",
                           expires: FromQuery[str] = "", signature: FromQuery[str] = "") -> BlobResponse:

@@ -248,6 +248,9 @@ class Database:
     async def list_artifacts(self, version_seq: int) -> list[Row]:
         return await self._all("SELECT * FROM artifacts WHERE version_seq = ? ORDER BY seq", (version_seq,))
 
+    async def get_artifact(self, version_seq: int, fmt: str) -> Row | None:
+        return await self._one("SELECT * FROM artifacts WHERE version_seq = ? AND format = ?", (version_seq, fmt))
+
     async def request_artifact(self, version_seq: int, fmt: str, when: str) -> Row:
         """The artifact row for (version, format), creating it as a pending job if it does not exist."""
         async with self.transaction() as conn:

@@ -319,7 +319,7 @@ class Registry:
         if fmt not in TARGETS:
             raise NotFound(f"Version {number} is a {v['format']} model; it can be downloaded as original, "
                            f"{', '.join(TARGETS)}, not {fmt}.")
-        artifact = await self.db.request_artifact(v["seq"], fmt, utc_now())
+        artifact = await self.db.get_artifact(v["seq"], fmt) or await self.db.request_artifact(v["seq"], fmt, utc_now())
         status = artifact["status"]
         if status == "ready":
             return Artifact(artifact["digest"], artifact["size"], f"model_v{number}{TARGETS[fmt]}")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -52,7 +54,7 @@ def _on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respo
     code = _STATUS_CODES.get(status, "bad_request")
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
         first = exc.extra[0]
-        where = {"query": "query parameter", "path": "path parameter", "body": "field"}.get(first.get("source"), "field")
+        where = {"query": "query parameter", "path": "path parameter"}.get(first.get("source"), "field")
         message = f"Invalid {where} '{first.get('key')}': {first.get('message')}."
         if first.get("source") == "body" and first.get("key") == "data":
             message = f"The request body must be a JSON object ({first.get('message')})."
@@ -68,7 +70,21 @@ def _on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respo
     return _error(status, code, message, headers=exc.headers)
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """A full disk (or quota) seen by SQLite or by a write nobody translated into StorageFull."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
+    if _disk_full(exc):
+        log.error("%s %s failed: disk full (%s)", request.method, request.url.path, exc)
+        return _error(507, "insufficient_storage",
+                      "The registry's disk is full; free space in the data directory and try again.")
+    if isinstance(exc, RecursionError) and "deserializing" in str(exc):
+        # msgspec's answer to JSON nested thousands deep, raised by Litestar's body parsing before any handler runs
+        return _error(400, "bad_request", "The request body is not acceptable JSON: it is nested too deeply.")
     log.exception("%s %s raised", request.method, request.url.path, exc_info=exc)
     return _error(500, "internal_error", "An unexpected error occurred; the server log has the details.")
 

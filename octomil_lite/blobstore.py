@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
@@ -99,10 +100,8 @@ class StagedBlob:
     async def discard(self) -> None:
         """Drop the temp file (after an error or when the bytes are already stored)."""
         if self._pending is not None:
-            try:
+            with contextlib.suppress(OSError):
                 await self._pending
-            except OSError:
-                pass
             self._pending = None
         if self._fd is not None:
             os.close(self._fd)

@@ -47,7 +47,8 @@ def _size(value: str) -> int:
 
 data_dir_option = click.option(
     "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-    help="Data directory [default: $OCTOMIL_LITE_HOME, else $XDG_DATA_HOME/octomil-lite or ~/.local/share/octomil-lite]")
+    help="Data directory [default: $OCTOMIL_LITE_HOME, else $XDG_DATA_HOME/octomil-lite "
+         "or ~/.local/share/octomil-lite]")
 
 
 @click.group()
@@ -60,7 +61,8 @@ def main() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
 @data_dir_option
-@click.option("--max-upload-size", default="20G", show_default=True, help="Largest model file accepted (bytes, or 512M, 20G).")
+@click.option("--max-upload-size", default="20G", show_default=True,
+              help="Largest model file accepted (bytes, or 512M, 20G).")
 @click.option("--rate-limit", default=6000, show_default=True, type=click.IntRange(0),
               help="Requests per minute per API key; 0 turns the limit off.")
 @click.option("--log-level", default="info", show_default=True,

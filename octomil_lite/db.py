@@ -310,7 +310,8 @@ class Database:
         return await self._all(
             "SELECT m.id AS model_id, v.number, v.format, v.digest, v.size FROM versions v "
             "JOIN models m ON m.seq = v.model_seq UNION ALL "
-            "SELECT m.id, v.number, a.format, a.digest, a.size FROM artifacts a JOIN versions v ON v.seq = a.version_seq "
+            "SELECT m.id, v.number, a.format, a.digest, a.size FROM artifacts a "
+            "JOIN versions v ON v.seq = a.version_seq "
             "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL")
 
     async def integrity_check(self) -> str:

@@ -41,7 +41,8 @@ KINDS: dict[str, Kind] = {
     "lightgbm-text": Kind(".txt", "a LightGBM text model", ("lightgbm",)),
 }
 
-_PICKLE_FRAMEWORKS = ((b"sklearn", "sklearn"), (b"xgboost", "xgboost"), (b"lightgbm", "lightgbm"), (b"torch", "pytorch"))
+_PICKLE_FRAMEWORKS = ((b"sklearn", "sklearn"), (b"xgboost", "xgboost"), (b"lightgbm", "lightgbm"),
+                      (b"torch", "pytorch"))
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
 _ONNX_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
 _MAX_ZIP_DIRECTORY = 16 * 1024 * 1024
@@ -139,7 +140,7 @@ def sniff(head: bytes, path: Path, size: int, filename: str) -> Sniffed:
     """Recognise a model file from its first bytes; a zip is recognised by its member names."""
     name = filename.lower()
     ext = os.path.splitext(name)[1]
-    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return Sniffed(_zip_kind(path, name))
     if head.startswith(_TORCH_LEGACY_MAGIC):
         return Sniffed("torch-legacy", "pytorch")

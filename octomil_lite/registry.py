@@ -21,7 +21,6 @@ import msgspec
 
 from . import auth, formats
 from .blobstore import BlobStore, StagedBlob
-from .uploads import UploadedFile
 from .config import Config
 from .conversions import TARGETS, ConversionPool
 from .db import Database, Row
@@ -40,6 +39,7 @@ from .schemas import (
     VersionDetail,
     VersionSummary,
 )
+from .uploads import UploadedFile
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ONNX_CHECK_LIMITS = Limits(timeout=300.0, cpu_seconds=300)
@@ -80,6 +80,14 @@ def _secret(path: Path) -> bytes:
         f.flush()
         os.fsync(f.fileno())
     return path.read_bytes()
+
+
+def _download_format(fmt: str | None) -> str:
+    if fmt is None:
+        return "original"
+    if fmt not in DOWNLOAD_FORMATS:
+        raise BadRequest(f"Query parameter 'format' must be one of {', '.join(DOWNLOAD_FORMATS)}; got '{fmt[:50]}'.")
+    return fmt
 
 
 def _canonical_uuid(value: str) -> str | None:
@@ -309,9 +317,7 @@ class Registry:
 
     async def find_artifact(self, model_id: str, ref: str, fmt: str | None) -> Artifact:
         """The bytes to serve for (model, version, format), or a NotFound saying why (and when pending, when)."""
-        fmt = fmt or "original"
-        if fmt not in DOWNLOAD_FORMATS:
-            raise BadRequest(f"Query parameter 'format' must be one of {', '.join(DOWNLOAD_FORMATS)}; got '{fmt[:50]}'.")
+        fmt = _download_format(fmt)
         _, v = await self._version_row(model_id, ref)
         number = v["number"]
         if fmt in ("original", v["format"]):
@@ -319,7 +325,8 @@ class Registry:
         if fmt not in TARGETS:
             raise NotFound(f"Version {number} is a {v['format']} model; it can be downloaded as original, "
                            f"{', '.join(TARGETS)}, not {fmt}.")
-        artifact = await self.db.get_artifact(v["seq"], fmt) or await self.db.request_artifact(v["seq"], fmt, utc_now())
+        artifact = (await self.db.get_artifact(v["seq"], fmt)
+                    or await self.db.request_artifact(v["seq"], fmt, utc_now()))
         status = artifact["status"]
         if status == "ready":
             return Artifact(artifact["digest"], artifact["size"], f"model_v{number}{TARGETS[fmt]}")
@@ -337,9 +344,7 @@ class Registry:
 
     async def sign_download(self, model_id: str, ref: str, fmt: str | None, ttl: int) -> tuple[str, str]:
         """A key-less path (with query) to one version's format, valid for `ttl` seconds, and its expiry time."""
-        fmt = fmt or "original"
-        if fmt not in DOWNLOAD_FORMATS:
-            raise BadRequest(f"Query parameter 'format' must be one of {', '.join(DOWNLOAD_FORMATS)}; got '{fmt[:50]}'.")
+        fmt = _download_format(fmt)
         model, version = await self._version_row(model_id, ref)
         expires = int(time.time()) + ttl
         signature = self._signature(model["id"], version["number"], fmt, expires)

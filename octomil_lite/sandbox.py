@@ -77,7 +77,8 @@ async def run_task(task: str, payload: dict[str, Any], limits: Limits, workdir_p
         if proc.returncode != 0:
             tail = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
             if proc.returncode < 0:
-                raise SandboxError(f"the worker was killed by signal {-proc.returncode} (likely a resource limit) {tail[0]}".strip())
+                raise SandboxError(f"the worker was killed by signal {-proc.returncode} (likely a resource limit) "
+                                   f"{tail[0]}".strip())
             raise SandboxError(f"the worker failed: {tail[0]}".strip())
         try:
             result = json.loads(out.decode().strip().splitlines()[-1])

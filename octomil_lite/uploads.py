@@ -42,6 +42,8 @@ def boundary_of(content_type: str) -> str:
     kind, options = parse_options_header(content_type)
     if kind != "multipart/form-data" or not options.get("boundary"):
         raise BadRequest("Upload the model as multipart/form-data with a 'file' part.")
+    if len(options["boundary"]) > 70:  # RFC 2046 section 5.1.1: 1 to 70 characters
+        raise BadRequest("The multipart boundary is longer than 70 characters.")
     return options["boundary"]
 
 
@@ -144,7 +146,8 @@ def _shape(value: str | None) -> list[int] | None:
         return None
     parts = value.strip().strip("[]()").replace(" ", "").split(",")
     if not 1 <= len(parts) <= 8 or not all(p.isdigit() and 0 < int(p) <= 1_000_000 for p in parts):
-        raise BadRequest(f"Form field 'input_shape' must be 1-8 positive integers such as 1,3,32,32; got '{value[:50]}'.")
+        raise BadRequest("Form field 'input_shape' must be 1-8 positive integers such as 1,3,32,32; "
+                         f"got '{value[:50]}'.")
     return [int(p) for p in parts]
 
 

@@ -20,7 +20,8 @@ def check_onnx(payload: dict[str, Any]) -> dict[str, Any]:
         return {"ok": False, "reason": f"not a readable ONNX model ({type(exc).__name__})"}
     for tensor in _all_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
-            return {"ok": False, "reason": f"tensor '{tensor.name}' references external data; upload a self-contained model"}
+            return {"ok": False, "reason": f"tensor '{tensor.name}' references external data; "
+                                           "upload a self-contained model"}
     try:
         onnx.checker.check_model(model, full_check=False)
     except Exception as exc:  # noqa: BLE001
@@ -53,7 +54,8 @@ def fold_onnx(payload: dict[str, Any]) -> dict[str, Any]:
         onnx.checker.check_model(model, full_check=False)
         onnx.save_model(model, payload["out"])
     except Exception as exc:  # noqa: BLE001
-        return {"ok": False, "reason": f"the model and its onnx_data do not fit together: {str(exc).splitlines()[0][:300]}"}
+        first_line = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        return {"ok": False, "reason": f"the model and its onnx_data do not fit together: {first_line}"}
     return {"ok": True, "signature": onnx_signature(model)}
 
 

@@ -77,6 +77,15 @@ def _disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
+async def _no_html_errors(response: Response[Any]) -> Response[Any]:
+    """Litestar's OpenAPI router answers unknown /schema/* paths with an HTML page; clients get JSON errors."""
+    media_type = getattr(response.media_type, "value", response.media_type)
+    if (response.status_code or 200) >= 400 and str(media_type).startswith("text/html"):
+        return _error(response.status_code, _STATUS_CODES.get(response.status_code, "bad_request"),
+                      "No such page.")
+    return response
+
+
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     if _disk_full(exc):
         log.error("%s %s failed: disk full (%s)", request.method, request.url.path, exc)
@@ -206,6 +215,7 @@ def create_app(config: Config) -> Litestar:
         middleware=[auth_middleware],
         exception_handlers={OctomilError: _on_octomil_error, HTTPException: _on_http_error,
                             Exception: _on_unexpected},
+        after_request=_no_html_errors,
         request_max_body_size=1024 * 1024,
         openapi_config=openapi_config(),
         logging_config=None,

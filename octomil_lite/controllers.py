@@ -43,7 +43,7 @@ from .uploads import FORM_OVERHEAD, boundary_of, receive_upload, upload_form
 T = TypeVar("T")
 
 
-@get("/health", opt={"public": True}, sync_to_thread=False)
+@get("/health", opt={"public": True}, sync_to_thread=False, security=[])
 def health(request: Request[Any, Any, Any]) -> Health:
     return Health(status="ok", version=__version__, conversions=request.app.state.conversions)
 

@@ -52,6 +52,6 @@ def openapi_config() -> OpenAPIConfig:
         path="/schema",
         render_plugins=[docs, YamlRenderPlugin()],
         components=Components(security_schemes={"apiKey": SecurityScheme(
-            type="http", scheme="bearer", description="An octomil-lite API key (octomil-lite keys create --name NAME).")}),
+            type="http", scheme="bearer", description="An API key: octomil-lite keys create --name NAME")}),
         security=[{"apiKey": []}],
     )

@@ -123,8 +123,10 @@ async def test_unknown_route_and_wrong_method_are_json_errors(api: Api) -> None:
     assert resp.status_code == 404 and resp.json()["error"] == "not_found"
     resp = await api.client.put("/api/v1/models", headers=api.headers)
     assert resp.status_code == 405 and resp.json()["error"] == "method_not_allowed"
-    resp = await api.client.get("/no/such/page")
-    assert resp.status_code == 404 and resp.headers["content-type"].startswith("application/json")
+    for page in ("/no/such/page", "/schema/redoc", "/static/nope.js"):
+        resp = await api.client.get(page)
+        assert resp.status_code == 404 and resp.headers["content-type"].startswith("application/json"), page
+        assert resp.json()["error"] == "not_found"
 
 
 async def test_health_needs_no_key(api: Api) -> None:

@@ -79,6 +79,8 @@ def _disk_full(exc: BaseException) -> bool:
 
 async def _no_html_errors(response: Response[Any]) -> Response[Any]:
     """Litestar's OpenAPI router answers unknown /schema/* paths with an HTML page; clients get JSON errors."""
+    if not isinstance(response, Response):
+        return response  # files and streams: never an error page
     media_type = getattr(response.media_type, "value", response.media_type)
     if (response.status_code or 200) >= 400 and str(media_type).startswith("text/html"):
         return _error(response.status_code, _STATUS_CODES.get(response.status_code, "bad_request"),

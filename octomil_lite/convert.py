@@ -31,8 +31,8 @@ MAX_ZIP_MEMBERS = 100_000
 COREML_NOTE = "Core ML cannot run on Linux; not checked"
 STATE_DICT_REASON = ("a PyTorch state_dict holds only weights; re-export with torch.export (.pt2) "
                      "or TorchScript so the architecture travels with it")
-PICKLED_MODULE_REASON = ("the file pickles a whole nn.Module, which needs its Python class and would run "
-                         "untrusted code to load; re-export with torch.export (.pt2) or TorchScript")
+PICKLED_MODULE_REASON = ("the file pickles a whole nn.Module, which needs its Python class (the architecture) "
+                         "and would run untrusted code to load; re-export with torch.export (.pt2) or TorchScript")
 INPUT_SHAPE_REASON = ("a TorchScript model does not record its input shape; re-upload with the "
                       "`input_shape` form field, e.g. `1,3,32,32`")
 NO_ONNX_ROUTE = ("no {target} converter for ONNX models works in this install (onnx2tf pins an older "
@@ -301,12 +301,12 @@ def _load_estimator(job: Job) -> tuple[Any, str | None]:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        if job.kind == "joblib":
-            model = safe_pickle.load_joblib(job.src)
-        elif job.kind == "skops":
+        if job.kind == "skops":
             model = _load_skops(job.src)
         else:
-            model = safe_pickle.load_path(job.src)
+            # Plain pickles too: joblib.dump without compression writes a pickle with array bytes inline, which
+            # the sniffer cannot tell from pickle.dumps; joblib's unpickler reads both, through the allowlist.
+            model = safe_pickle.load_joblib(job.src)
     written_by = next((str(w.message.original_sklearn_version) for w in caught
                        if hasattr(w.message, "original_sklearn_version")), None)
     return model, written_by

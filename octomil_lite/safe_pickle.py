@@ -138,12 +138,6 @@ def load(stream: BinaryIO) -> Any:
     return AllowlistUnpickler(stream).load()
 
 
-def load_path(path: str | Path) -> Any:
-    """Unpickle the file at `path` through the allowlist."""
-    with open(path, "rb") as f:
-        return load(f)
-
-
 def load_joblib(path: str | Path) -> Any:
     """Load a joblib.dump file (compressed or not) through the allowlist, arrays included."""
     from joblib.numpy_pickle import NumpyUnpickler

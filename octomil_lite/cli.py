@@ -71,9 +71,8 @@ def main() -> None:
 def serve(host: str, port: int, data_dir: Path | None, max_upload_size: str, rate_limit: int,
           log_level: str, access_log: bool) -> None:
     """Run the registry server."""
-    import uvicorn
-
     from .app import create_app
+    from .httpserver import run
 
     config = Config(data_dir=data_dir or default_data_dir(), host=host, port=port,
                     max_upload_size=_size(max_upload_size), rate_limit=rate_limit)
@@ -88,8 +87,7 @@ def serve(host: str, port: int, data_dir: Path | None, max_upload_size: str, rat
                    f"Try it:\n  curl -H 'Authorization: Bearer {key}' http://{shown}:{port}/api/v1/models\n")
     click.echo(f"octomil-lite {__version__}: data in {config.data_dir}, listening on http://{host}:{port}", err=True)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, access_log=access_log,
-                http="httptools", loop="auto", timeout_graceful_shutdown=5)
+    run(create_app(config), host=host, port=port, log_level=log_level, access_log=access_log)
 
 
 @main.group()

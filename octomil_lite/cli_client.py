@@ -15,12 +15,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from .schemas import FRAMEWORKS
+
 if TYPE_CHECKING:
     from .client import Client, Progress
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-FRAMEWORKS = ("pytorch", "tensorflow", "xgboost", "sklearn")
 UPLOAD_FORMATS = ("pytorch", "tensorflow", "onnx", "sklearn", "xgboost", "lightgbm")
 
 

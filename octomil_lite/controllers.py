@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import Controller, HttpMethod, Request, Response, delete, get, patch, post, route
@@ -28,7 +28,9 @@ from .responses import BlobResponse, blob_response
 from .schemas import (
     UPLOAD_FORMATS,
     CreateModel,
+    DownloadFormat,
     ErrorBody,
+    Framework,
     Health,
     Model,
     ModelDetail,
@@ -43,11 +45,6 @@ from .uploads import FORM_OVERHEAD, boundary_of, receive_upload, upload_form
 T = TypeVar("T")
 
 
-@get("/health", opt={"public": True}, sync_to_thread=False, security=[])
-def health(request: Request[Any, Any, Any]) -> Health:
-    return Health(status="ok", version=__version__, conversions=request.app.state.conversions)
-
-
 async def _chunks(request: Request[Any, Any, Any]) -> Any:
     # Litestar signals a client that went away as a 500; it is the client's doing, so a 400.
     try:
@@ -60,7 +57,7 @@ async def _chunks(request: Request[Any, Any, Any]) -> Any:
 def _decode(body: bytes, schema: type[T]) -> T:
     """Strict JSON decoding: a wrong type is a 400 naming the field, never a silent coercion."""
     try:
-        return msgspec.json.decode(body or b"{}", type=schema, strict=True)
+        return msgspec.json.decode(body if body.strip() not in (b"", b"null") else b"{}", type=schema, strict=True)
     except msgspec.ValidationError as exc:
         problem, _, where = str(exc).partition(" - at `$.")
         if not where:
@@ -83,17 +80,21 @@ _ERROR_TEXT = {400: "Bad request: a field, parameter or file is invalid", 401: "
                416: "The requested byte range is outside the file", 429: "Too many requests; see Retry-After",
                500: "Unexpected server error", 507: "The registry's disk is full"}
 
+_NO_NUL = r"^[^\u0000]*$"
 _UPLOAD_FORM = Schema(type=OpenAPIType.OBJECT, required=["file"], properties={
     "file": Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY, description="The model file"),
     "format": Schema(type=OpenAPIType.STRING, enum=list(UPLOAD_FORMATS),
                      description="Source format; inferred from the bytes when absent"),
-    "description": Schema(type=OpenAPIType.STRING, max_length=1000),
-    "version": Schema(type=OpenAPIType.STRING, max_length=100, description="A label such as 1.0.0"),
-    "formats": Schema(type=OpenAPIType.STRING, description="Conversions wanted now, e.g. onnx,coreml,tflite"),
-    "round_id": Schema(type=OpenAPIType.STRING, max_length=200),
+    "description": Schema(type=OpenAPIType.STRING, max_length=1000, pattern=_NO_NUL),
+    "version": Schema(type=OpenAPIType.STRING, max_length=100, description="A label such as 1.0.0",
+                      pattern=r"^(?!\s*latest\s*$)(?!\s*[0-9]+\s*$)[^/\u0000]*$"),
+    "formats": Schema(type=OpenAPIType.STRING, description="Conversions wanted now, e.g. onnx,coreml,tflite",
+                      pattern=_NO_NUL),
+    "round_id": Schema(type=OpenAPIType.STRING, max_length=200, pattern=_NO_NUL),
     "accuracy": Schema(type=OpenAPIType.NUMBER),
     "loss": Schema(type=OpenAPIType.NUMBER),
-    "input_shape": Schema(type=OpenAPIType.STRING, description="Example input shape, e.g. 1,3,32,32"),
+    "input_shape": Schema(type=OpenAPIType.STRING, description="Example input shape, e.g. 1,3,32,32",
+                          pattern=r"^[1-9][0-9]{0,5}(,[1-9][0-9]{0,5}){0,7}$"),
     "onnx_data": Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY,
                         description="External weights of an ONNX model; folded into it"),
 })
@@ -121,6 +122,23 @@ class DownloadOperation(Operation):
         self.responses["304"] = OpenAPIResponse(description="Not modified (If-None-Match)")
 
 
+@dataclass
+class PublicOperation(Operation):
+    """No key needed (the global bearer requirement does not apply)."""
+
+    def __post_init__(self) -> None:
+        self.security = []
+
+
+@dataclass
+class SignedDownloadOperation(DownloadOperation):
+    """A download-url link: the signature in the query is the permission."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.security = []
+
+
 class ModelController(Controller):
     path = "/api/v1/models"
 
@@ -130,7 +148,7 @@ class ModelController(Controller):
         registry: NamedDependency[Registry],
         limit: Annotated[int, QueryParameter(ge=1, le=100)] = 20,
         offset: Annotated[int, QueryParameter(ge=0, le=2**62)] = 0,
-        framework: FromQuery[Literal["pytorch", "tensorflow", "xgboost", "sklearn"] | None] = None,
+        framework: FromQuery[Framework | None] = None,
         is_baseline: FromQuery[bool | None] = None,
         name: Annotated[str | None, QueryParameter(max_length=200)] = None,
         use_case: Annotated[str | None, QueryParameter(max_length=200)] = None,
@@ -189,7 +207,7 @@ class ModelController(Controller):
 
     @get("/{model_id:str}/versions/{version:str}/download-url", opt={"scope": "read"}, responses=_errors())
     async def download_url(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
-                           registry: NamedDependency[Registry], format: FromQuery[str | None] = None,
+                           registry: NamedDependency[Registry], format: FromQuery[DownloadFormat | None] = None,
                            expires_in: Annotated[int, QueryParameter(ge=1, le=7 * 24 * 3600)] = 3600) -> SignedUrl:
         path, expires_at = await registry.sign_download(model_id, version, format, expires_in)
         return SignedUrl(url=str(request.base_url).rstrip("/") + path, expires_at=expires_at)
@@ -197,7 +215,7 @@ class ModelController(Controller):
     @route("/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],
            opt={"scope": "read"}, operation_class=DownloadOperation, responses=_errors(416))
     async def download(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
-                       registry: NamedDependency[Registry], format: FromQuery[str | None] = None) -> BlobResponse:
+                       registry: NamedDependency[Registry], format: FromQuery[DownloadFormat | None] = None) -> BlobResponse:
         return await _serve(registry, request, model_id, version, format)
 
 
@@ -209,10 +227,15 @@ async def _serve(registry: Registry, request: Request[Any, Any, Any], model_id: 
 
 
 @route("/signed/models/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],
-       opt={"public": True}, operation_class=DownloadOperation, responses=_errors(416))
+       opt={"public": True}, operation_class=SignedDownloadOperation, responses=_errors(416))
 async def signed_download(model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
-                          registry: NamedDependency[Registry], format: FromQuery[str] = "original",
+                          registry: NamedDependency[Registry], format: FromQuery[DownloadFormat] = "original",
                           expires: FromQuery[str] = "", signature: FromQuery[str] = "") -> BlobResponse:
     """A download-url link: no key, the signature is the permission."""
     registry.check_signature(model_id, version, format, expires, signature)
     return await _serve(registry, request, model_id, version, format)
+
+
+@get("/health", opt={"public": True}, sync_to_thread=False, operation_class=PublicOperation)
+def health(request: Request[Any, Any, Any]) -> Health:
+    return Health(status="ok", version=__version__, conversions=request.app.state.conversions)

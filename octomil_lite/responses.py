@@ -25,6 +25,7 @@ class BlobResponse:
         self.body = body
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        ahead: asyncio.Future[bytes] | None = None
         try:
             raw = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
             await send({"type": "http.response.start", "status": self.status, "headers": raw})
@@ -33,17 +34,30 @@ class BlobResponse:
                 return
             loop = asyncio.get_running_loop()
             offset, end = self.start, self.start + self.length
-            while offset < end:
-                data = await loop.run_in_executor(None, os.pread, self.fd, min(CHUNK_BYTES, end - offset), offset)
+            # The next chunk is read (in a worker thread) while this one is sent: disk and socket work in parallel.
+            ahead = loop.run_in_executor(None, os.pread, self.fd, min(CHUNK_BYTES, end - offset), offset) \
+                if offset < end else None
+            while ahead is not None:
+                data = await ahead
+                ahead = None
                 if not data:
                     raise OSError(f"blob shorter than recorded ({offset} of {end} bytes)")
                 offset += len(data)
+                if offset < end:
+                    ahead = loop.run_in_executor(None, os.pread, self.fd, min(CHUNK_BYTES, end - offset), offset)
                 await send({"type": "http.response.body", "body": data, "more_body": offset < end})
             if self.length == 0:
                 await send({"type": "http.response.body", "body": b""})
         finally:
+            if ahead is not None:  # the client went away: the read in flight is not needed (its result is dropped)
+                ahead.add_done_callback(_drop)
             if self.fd is not None:
                 os.close(self.fd)
+
+
+def _drop(read: asyncio.Future[bytes]) -> None:
+    if not read.cancelled():
+        read.exception()  # retrieved, so that asyncio does not log it
 
 
 def _byte_range(header: str, size: int) -> tuple[int, int] | None | bool:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
-FRAMEWORKS = ("pytorch", "tensorflow", "xgboost", "sklearn")
 UPLOAD_FORMATS = ("pytorch", "tensorflow", "onnx", "sklearn", "xgboost", "lightgbm")
-DOWNLOAD_FORMATS = ("original", "pytorch", "tensorflow", "onnx", "sklearn", "xgboost", "lightgbm", "tflite", "coreml")
 
 Framework = Literal["pytorch", "tensorflow", "xgboost", "sklearn"]
+FRAMEWORKS: tuple[str, ...] = get_args(Framework)
+DownloadFormat = Literal["original", "pytorch", "tensorflow", "onnx", "sklearn", "xgboost", "lightgbm", "tflite",
+                         "coreml"]
+DOWNLOAD_FORMATS: tuple[str, ...] = get_args(DownloadFormat)
 Description = Annotated[str, msgspec.Meta(max_length=1000)]
 ShortText = Annotated[str, msgspec.Meta(max_length=200)]
 

@@ -60,9 +60,28 @@ def fold_onnx(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _all_tensors(model: Any) -> Any:
+    """Every tensor of a model, including the values and indices of sparse ones (onnx's own walker skips those)."""
     from onnx.external_data_helper import _get_all_tensors
 
-    return _get_all_tensors(model)
+    yield from _get_all_tensors(model)
+    yield from _sparse_in_graph(model.graph)
+    for function in model.functions:
+        yield from _sparse_in_nodes(function.node)
+
+
+def _sparse_in_graph(graph: Any) -> Any:
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _sparse_in_nodes(graph.node)
+
+
+def _sparse_in_nodes(nodes: Any) -> Any:
+    for node in nodes:
+        for attr in node.attribute:
+            for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
+            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _sparse_in_graph(graph)
 
 
 def onnx_signature(model: Any) -> dict[str, Any]:

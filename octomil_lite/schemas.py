@@ -76,7 +76,9 @@ class FormatStatus(Schema):
     updated_at: str | None = None
 
 
-class VersionDetail(Schema):
+class VersionFacts(Schema):
+    """What the upload answer and the version detail both say of a version (the hosted upload's fields)."""
+
     model_id: str
     version: int
     label: str | None
@@ -85,11 +87,18 @@ class VersionDetail(Schema):
     model_size_bytes: int
     model_hash: str
     description: str | None
+    uploaded_at: str
+
+
+class UploadedVersion(VersionFacts):
+    formats: dict[str, str]
+
+
+class VersionDetail(VersionFacts):
     round_id: str | None
     accuracy: float | None
     loss: float | None
     input_shape: list[int] | None
-    uploaded_at: str
     formats: dict[str, FormatStatus]
 
 
@@ -107,19 +116,6 @@ class ModelList(Schema):
 class SignedUrl(Schema):
     url: str
     expires_at: str
-
-
-class UploadedVersion(Schema):
-    model_id: str
-    version: int
-    label: str | None
-    format: str
-    model_path: str
-    model_size_bytes: int
-    model_hash: str
-    description: str | None
-    uploaded_at: str
-    formats: dict[str, str]
 
 
 class CreateModel(msgspec.Struct, kw_only=True):

@@ -9,9 +9,8 @@ import hashlib
 import os
 import re
 import shutil
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -20,32 +19,6 @@ from .errors import OctomilError, StorageFull
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 FLUSH_BYTES = 4 * 1024 * 1024
 HEAD_BYTES = 64 * 1024
-
-
-def _writeback_starter() -> Callable[[int, int, int], None] | None:
-    """Linux's sync_file_range(SYNC_FILE_RANGE_WRITE): start writing a range to disk without waiting for it.
-
-    Started as each buffer is written, the disk works while the rest of an upload arrives, and the fsync before
-    the 201 (which is what makes the upload durable, and stays) has little left to wait for. None elsewhere.
-    """
-    try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        sync_file_range = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    sync_file_range.restype = ctypes.c_int
-
-    def start(fd: int, offset: int, length: int) -> None:
-        sync_file_range(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE; best effort: errors are ignored
-
-    return start
-
-
-_start_writeback = _writeback_starter() if sys.platform.startswith("linux") else None
 
 
 def _storage_error(exc: OSError) -> OctomilError:
@@ -74,7 +47,6 @@ class StagedBlob:
         self._fd = fd
         self._buffer: list[bytes] = []
         self._buffered = 0
-        self._written = 0
         self._pending: asyncio.Future[None] | Future[None] | None = None
 
     def _flush(self, pieces: list[bytes]) -> None:
@@ -85,9 +57,6 @@ class StagedBlob:
         assert self._fd is not None
         while view:
             view = view[os.write(self._fd, view):]
-        if _start_writeback is not None and data:
-            _start_writeback(self._fd, self._written, len(data))
-        self._written += len(data)
 
     async def _drain(self) -> None:
         if self._pending is not None:

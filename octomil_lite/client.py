@@ -65,7 +65,7 @@ def _quoted(text: str) -> str:
 
 
 def _multipart_head(boundary: str, fields: dict[str, Any], filename: str) -> bytes:
-    """Everything of a multipart/form-data body before the file's bytes: the text fields, then the file part's header."""
+    """A multipart/form-data body up to the file's bytes: the text fields, then the file part's header."""
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{_quoted(name)}"\r\n\r\n{_form_value(value)}\r\n'
              for name, value in fields.items()]
     parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{_quoted(filename)}"\r\n'
@@ -171,7 +171,7 @@ class Client:
     def upload_version(self, model_id: str, path: str | os.PathLike[str], format: str | None = None,
                        description: str | None = None, progress: Progress | None = None,
                        **fields: Any) -> dict[str, Any]:
-        """Upload a file as the model's next version, streamed from disk; extra fields (round_id, ...) go in the form."""
+        """Upload a file as the next version, streamed from disk; extra fields (round_id, ...) go in the form."""
         path = Path(path)
         fields = {"format": format, "description": description, **fields}
         boundary = secrets.token_hex(16)
@@ -284,7 +284,7 @@ class Client:
             raise self._unreachable(exc) from None
 
     def wait_for_format(self, model_id: str, version: int | str, format: str, timeout: float = 600) -> None:
-        """Block until a version can be downloaded in this format; raise if it failed, cannot be made, or time runs out."""
+        """Block until a version can be downloaded in this format; raise if it failed, cannot be made or timed out."""
         path = self._version_path(model_id, version) + "/download"
         deadline = time.monotonic() + timeout
         params = {"format": format}

@@ -215,7 +215,8 @@ class ModelController(Controller):
     @route("/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],
            opt={"scope": "read"}, operation_class=DownloadOperation, responses=_errors(416))
     async def download(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
-                       registry: NamedDependency[Registry], format: FromQuery[DownloadFormat | None] = None) -> BlobResponse:
+                       registry: NamedDependency[Registry],
+                       format: FromQuery[DownloadFormat | None] = None) -> BlobResponse:
         return await _serve(registry, request, model_id, version, format)
 
 

@@ -433,7 +433,8 @@ def _lightgbm_text_to_onnx(job: Job) -> Converted:
     path = _save_onnx(onnx_model, job)
     x = _sample((SAMPLE_ROWS, n_features))
     got = _onnx_run(path, {_onnx_input_names(path)[0]: x})
-    return Converted(path, _booster_parity(booster.predict(x), got), "lightgbm", _framework_version("lightgbm"), converter)
+    parity = _booster_parity(booster.predict(x), got)
+    return Converted(path, parity, "lightgbm", _framework_version("lightgbm"), converter)
 
 
 def _booster_parity(expected: Any, got: dict[str, Any]) -> Parity:
@@ -472,7 +473,8 @@ def _user_input_shapes(job: Job, program: Any) -> list[tuple[tuple[int, ...], An
     """Shape and dtype of each user input of an ExportedProgram, from input_shape or its example inputs."""
     import torch
 
-    specs = [s for s in program.graph_signature.input_specs if s.kind == torch.export.graph_signature.InputKind.USER_INPUT]
+    user_input = torch.export.graph_signature.InputKind.USER_INPUT
+    specs = [s for s in program.graph_signature.input_specs if s.kind == user_input]
     placeholders = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
     shapes = []
     for i, spec in enumerate(specs):
@@ -556,7 +558,8 @@ def _torchscript_to_onnx(job: Job) -> Converted:
         expected = _flat_tensors(module(x))
     got = _onnx_run(path, {"input": x.numpy()})
     parity = _compare(expected, list(got.values()), FLOAT_TOLERANCE, shape[0])
-    return Converted(path, parity, "pytorch", _framework_version("pytorch"), f"torch.onnx (TorchScript) {_version('torch')}")
+    converter = f"torch.onnx (TorchScript) {_version('torch')}"
+    return Converted(path, parity, "pytorch", _framework_version("pytorch"), converter)
 
 
 def _save_mlpackage(mlmodel: Any, job: Job) -> Path:

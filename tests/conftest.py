@@ -109,9 +109,10 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OCTOMIL_LITE_HOME": str(data_dir)}
         self.log = data_dir.parent / f"serve-{self.port}.log"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "octomil_lite.cli", "serve", "--port", str(self.port), *args],
-            stdout=open(self.log, "wb"), stderr=subprocess.STDOUT, env=env)
+        with open(self.log, "wb") as log:  # the child keeps its own descriptor
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "octomil_lite.cli", "serve", "--port", str(self.port), *args],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:

@@ -59,8 +59,9 @@ def _traced_send(self: httpx.Client, request: httpx.Request, **kwargs: Any) -> h
 
 httpx.Client.send = _traced_send  # type: ignore[method-assign]
 
-from octomil.python.octomil.federated_client import FederatedClient
-from octomil.python.octomil.registry import ModelRegistry
+# Imported after the patch above, so that every request the SDK sends is traced.
+from octomil.python.octomil.federated_client import FederatedClient  # noqa: E402
+from octomil.python.octomil.registry import ModelRegistry  # noqa: E402
 
 STEPS: dict[str, dict[str, Any]] = {}
 

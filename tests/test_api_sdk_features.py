@@ -116,7 +116,8 @@ async def test_onnx_data_is_folded_into_one_self_contained_model(api: Api, tmp_p
     body = resp.json()
     served = await api.client.get(f"/api/v1/models/{model['id']}/versions/1/download?format=onnx", headers=api.headers)
     assert served.status_code == 200
-    assert served.headers["x-model-hash"] == "sha256:" + hashlib.sha256(served.content).hexdigest() == body["model_hash"]
+    served_hash = "sha256:" + hashlib.sha256(served.content).hexdigest()
+    assert served.headers["x-model-hash"] == served_hash == body["model_hash"]
     session = ort.InferenceSession(served.content, providers=["CPUExecutionProvider"])
     x = np.ones((1, 64), dtype=np.float32)
     np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ weights, rtol=1e-5)

@@ -162,7 +162,8 @@ def test_progress_bar_is_drawn_only_when_stderr_is_a_terminal(cli: Cli, tmp_path
 
 def test_help_and_the_server_commands_do_not_import_httpx() -> None:
     code = ("import sys; from click.testing import CliRunner; from octomil_lite.cli import main; "
-            "[CliRunner().invoke(main, args) for args in (['--help'], ['upload', '--help'], ['models', 'list', '--help'])]; "
+            "calls = (['--help'], ['upload', '--help'], ['models', 'list', '--help']); "
+            "[CliRunner().invoke(main, args) for args in calls]; "
             "print('httpx' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -43,7 +43,7 @@ def _age(path: Path, seconds: float) -> None:
 def test_gc_deletes_only_old_unreferenced_blobs_and_temp_files(tmp_path: Path) -> None:
     home = tmp_path / "data"
     _, digests = _populate(home)
-    kept, dropped = home / "blobs/sha256" / digests[0][:2] / digests[0], home / "blobs/sha256" / digests[1][:2] / digests[1]
+    kept, dropped = (home / "blobs/sha256" / d[:2] / d for d in digests[:2])
     (home / "tmp" / "upload-stale").write_bytes(b"x" * 100)
     fresh = cli(home, "gc")
     assert fresh.returncode == 0 and "deleted 0 unreferenced blob(s)" in fresh.stdout and dropped.exists()

@@ -71,7 +71,8 @@ def test_xgboost_and_lightgbm_estimators_load() -> None:
     xgb = pytest.importorskip("xgboost")
     lgb = pytest.importorskip("lightgbm")
     x, y = _xy()
-    for model in (xgb.XGBClassifier(n_estimators=3).fit(x, y), lgb.LGBMClassifier(n_estimators=3, verbose=-1).fit(x, y)):
+    models = (xgb.XGBClassifier(n_estimators=3).fit(x, y), lgb.LGBMClassifier(n_estimators=3, verbose=-1).fit(x, y))
+    for model in models:
         loaded = safe_pickle.load(io.BytesIO(pickle.dumps(model)))
         np.testing.assert_allclose(loaded.predict_proba(x), model.predict_proba(x))
 

@@ -197,7 +197,8 @@ def test_upload_version_from_path_with_labels(sdk: SdkRun) -> None:
     assert got["format"] == "sklearn"
     assert got["model_hash"] == "sha256:" + sha(sdk.files["pkl"])
     sent = sdk.requests("upload_onnx_v1")[-1]
-    assert sent["form"] == {"version": "1.0.0", "description": "first fit"} and sent["files"] == {"file": "onnx_v1.onnx"}
+    assert sent["form"] == {"version": "1.0.0", "description": "first fit"}
+    assert sent["files"] == {"file": "onnx_v1.onnx"}
 
 
 def test_upload_formats_means_conversion_targets(sdk: SdkRun) -> None:

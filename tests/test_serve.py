@@ -14,7 +14,8 @@ from conftest import Server, bearer
 
 
 def make_key(home: Path) -> str:
-    out = subprocess.run([sys.executable, "-m", "octomil_lite.cli", "keys", "create", "--name", "t", "--scope", "write"],
+    command = [sys.executable, "-m", "octomil_lite.cli", "keys", "create", "--name", "t", "--scope", "write"]
+    out = subprocess.run(command,
                          capture_output=True, text=True, env={**os.environ, "OCTOMIL_LITE_HOME": str(home)}, check=True)
     return out.stdout.strip()
 

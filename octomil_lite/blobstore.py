@@ -49,13 +49,11 @@ class StagedBlob:
         self._buffered = 0
         self._pending: asyncio.Future[None] | Future[None] | None = None
 
-    def _flush(self, pieces: list[bytes]) -> None:
-        """Hash and write buffered chunks (in a worker thread: join, sha256 and write all release the GIL)."""
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    def _flush(self, data: bytes) -> None:
         self._sha.update(data)
         view = memoryview(data)
-        assert self._fd is not None
         while view:
+            assert self._fd is not None
             view = view[os.write(self._fd, view):]
 
     async def _drain(self) -> None:
@@ -75,17 +73,18 @@ class StagedBlob:
         self._buffered += len(data)
         if self._buffered >= FLUSH_BYTES:
             await self._drain()
-            pieces, self._buffer, self._buffered = self._buffer, [], 0
-            self._pending = asyncio.get_running_loop().run_in_executor(None, self._flush, pieces)
+            chunk = b"".join(self._buffer)
+            self._buffer, self._buffered = [], 0
+            self._pending = asyncio.get_running_loop().run_in_executor(None, self._flush, chunk)
 
     async def finish(self) -> str:
         """Write what is left, fsync and close; return the hex digest."""
         await self._drain()
-        pieces, self._buffer, self._buffered = self._buffer, [], 0
+        chunk = b"".join(self._buffer)
+        self._buffer, self._buffered = [], 0
 
         def last() -> None:
-            if pieces:
-                self._flush(pieces)
+            self._flush(chunk)
             assert self._fd is not None
             os.fsync(self._fd)
             os.close(self._fd)

@@ -11,8 +11,8 @@ import re
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 from .errors import OctomilError, StorageFull
 
@@ -47,14 +47,19 @@ class StagedBlob:
         self._fd = fd
         self._buffer: list[bytes] = []
         self._buffered = 0
-        self._pending: asyncio.Future[None] | Future[None] | None = None
+        self._pending: asyncio.Future[Any] | None = None
 
-    def _flush(self, data: bytes) -> None:
-        self._sha.update(data)
+    def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             assert self._fd is not None
             view = view[os.write(self._fd, view):]
+
+    def _flush(self, data: bytes) -> asyncio.Future[Any]:
+        """Hash and write a buffer in two worker threads at once (both release the GIL); ordered by _drain."""
+        loop = asyncio.get_running_loop()
+        return asyncio.gather(loop.run_in_executor(None, self._sha.update, data),
+                              loop.run_in_executor(None, self._write_all, data))
 
     async def _drain(self) -> None:
         if self._pending is not None:
@@ -75,7 +80,7 @@ class StagedBlob:
             await self._drain()
             chunk = b"".join(self._buffer)
             self._buffer, self._buffered = [], 0
-            self._pending = asyncio.get_running_loop().run_in_executor(None, self._flush, chunk)
+            self._pending = self._flush(chunk)
 
     async def finish(self) -> str:
         """Write what is left, fsync and close; return the hex digest."""
@@ -84,7 +89,8 @@ class StagedBlob:
         self._buffer, self._buffered = [], 0
 
         def last() -> None:
-            self._flush(chunk)
+            self._sha.update(chunk)
+            self._write_all(chunk)
             assert self._fd is not None
             os.fsync(self._fd)
             os.close(self._fd)

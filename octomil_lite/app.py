@@ -22,7 +22,7 @@ from .auth import RateLimiter, scope_allows
 from .config import Config
 from .controllers import ModelController, health, signed_download
 from .convert import available_conversions
-from .errors import BadRequest, Forbidden, OctomilError, RateLimited, Unauthorized
+from .errors import DISK_FULL, UNEXPECTED, BadRequest, Forbidden, OctomilError, RateLimited, Unauthorized
 from .registry import KeyInfo, Registry
 from .schemas import ErrorBody
 from .web import openapi_config
@@ -51,7 +51,7 @@ def _on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respo
     status = exc.status_code
     if status >= 500:
         log.error("%s %s failed: %s", request.method, request.url.path, exc.detail)
-        return _error(500, "internal_error", "An unexpected error occurred; the server log has the details.")
+        return _error(500, "internal_error", UNEXPECTED)
     code = _STATUS_CODES.get(status, "bad_request")
     if isinstance(exc, ValidationException) and isinstance(exc.extra, list) and exc.extra:
         first = exc.extra[0]
@@ -92,13 +92,12 @@ async def _no_html_errors(response: Response[Any]) -> Response[Any]:
 def _on_unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorBody]:
     if _disk_full(exc):
         log.error("%s %s failed: disk full (%s)", request.method, request.url.path, exc)
-        return _error(507, "insufficient_storage",
-                      "The registry's disk is full; free space in the data directory and try again.")
+        return _error(507, "insufficient_storage", DISK_FULL)
     if isinstance(exc, RecursionError) and "deserializing" in str(exc):
         # msgspec's answer to JSON nested thousands deep, raised by Litestar's body parsing before any handler runs
         return _error(400, "bad_request", "The request body is not acceptable JSON: it is nested too deeply.")
     log.exception("%s %s raised", request.method, request.url.path, exc_info=exc)
-    return _error(500, "internal_error", "An unexpected error occurred; the server log has the details.")
+    return _error(500, "internal_error", UNEXPECTED)
 
 
 def _needed_scope(scope: Scope) -> str | None:
@@ -169,8 +168,7 @@ def authenticate_first(app: ASGIApp) -> ASGIApp:
                 return
             except Exception:  # outside Litestar's exception handling: render it here
                 log.exception("authenticating %s %s raised", scope["method"], scope["path"])
-                await _send_error(scope, send, OctomilError("An unexpected error occurred; the server log has "
-                                                            "the details."))
+                await _send_error(scope, send, OctomilError(UNEXPECTED))
                 return
         await app(scope, receive, send)
 
@@ -178,16 +176,14 @@ def authenticate_first(app: ASGIApp) -> ASGIApp:
 
 
 def auth_middleware(app: ASGIApp) -> ASGIApp:
-    """The scope check (and, if the pre-routing check somehow did not run, authentication) for every /api/ route."""
+    """The scope check for every /api/ route (the key was checked before routing, by authenticate_first)."""
 
     async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
         needed = _needed_scope(scope) if scope["type"] == "http" else None
         if needed is None:
             await app(scope, receive, send)
             return
-        info: KeyInfo | None = scope.get(_KEY_INFO)  # type: ignore[call-overload]
-        if info is None:
-            info = await _authenticate(scope)
+        info: KeyInfo = scope[_KEY_INFO]  # type: ignore[literal-required]  # set by authenticate_first
         if not scope_allows(info.scope, needed):
             raise Forbidden(f"The key '{info.name}' has scope '{info.scope}'; this request needs '{needed}'.")
         await app(scope, receive, send)

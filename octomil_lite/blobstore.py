@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import OctomilError, StorageFull
+from .errors import DISK_FULL, OctomilError, StorageFull
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 FLUSH_BYTES = 4 * 1024 * 1024
@@ -23,7 +23,7 @@ HEAD_BYTES = 64 * 1024
 
 def _storage_error(exc: OSError) -> OctomilError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return StorageFull("The registry's disk is full; free space in the data directory and try again.")
+        return StorageFull(DISK_FULL)
     return OctomilError(f"The registry could not write to its data directory ({exc.strerror}).")
 
 

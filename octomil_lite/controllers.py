@@ -22,7 +22,7 @@ from litestar.openapi.spec import (
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from . import __version__
-from .errors import BadRequest, PayloadTooLarge
+from .errors import BadRequest
 from .registry import Registry
 from .responses import BlobResponse, blob_response
 from .schemas import (
@@ -40,7 +40,7 @@ from .schemas import (
     UploadedVersion,
     VersionDetail,
 )
-from .uploads import FORM_OVERHEAD, boundary_of, receive_upload, upload_form
+from .uploads import FORM_OVERHEAD, boundary_of, receive_upload, too_large, upload_form
 
 T = TypeVar("T")
 
@@ -197,8 +197,7 @@ class ModelController(Controller):
         limit = registry.config.max_upload_size
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > limit + FORM_OVERHEAD:
-            raise PayloadTooLarge(f"The upload is larger than this registry's limit of {limit} bytes "
-                                  "(octomil-lite serve --max-upload-size).")
+            raise too_large(limit)
         parsed = await receive_upload(_chunks(request), boundary, limit, registry.stage_upload)
         try:
             return await registry.upload_version(model_id, parsed.files, upload_form(parsed.fields))

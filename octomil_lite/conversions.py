@@ -13,12 +13,11 @@ from typing import Any
 
 from .blobstore import BlobStore
 from .db import Database, Row
-from .sandbox import Limits, SandboxError, run_task
+from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 
 log = logging.getLogger("octomil_lite.conversions")
 
 TARGETS = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage.zip"}
-CHECK_LIMITS = Limits(timeout=300.0, cpu_seconds=300)
 
 
 class ConversionPool:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+UNEXPECTED = "An unexpected error occurred; the server log has the details."
+DISK_FULL = "The registry's disk is full; free space in the data directory and try again."
+
 
 class OctomilError(Exception):
     """Base of every error a client may see."""

@@ -25,7 +25,7 @@ from .config import Config
 from .conversions import TARGETS, ConversionPool
 from .db import Database, Row
 from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
-from .sandbox import Limits, SandboxError, run_task
+from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .schemas import (
     DOWNLOAD_FORMATS,
     CreateModel,
@@ -42,7 +42,6 @@ from .schemas import (
 from .uploads import UploadedFile
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-ONNX_CHECK_LIMITS = Limits(timeout=300.0, cpu_seconds=300)
 PENDING_RETRY_AFTER = 2
 
 
@@ -275,7 +274,7 @@ class Registry:
 
     async def _sandboxed(self, task: str, payload: dict[str, Any]) -> dict[str, Any]:
         try:
-            result = await run_task(task, payload, ONNX_CHECK_LIMITS, self.blobs.tmp)
+            result = await run_task(task, payload, CHECK_LIMITS, self.blobs.tmp)
         except SandboxError as exc:
             raise BadRequest(f"The ONNX model could not be checked: {exc}.") from exc
         if not result.get("ok"):

@@ -28,6 +28,9 @@ class Limits:
     file_size_bytes: int = 64 * 1024**3
 
 
+CHECK_LIMITS = Limits(timeout=300.0, cpu_seconds=300)  # onnx.checker on an upload or a converter's output
+
+
 class SandboxError(Exception):
     """The child did not return a result (timeout, crash, limit hit)."""
 

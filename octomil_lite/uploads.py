@@ -47,7 +47,7 @@ def boundary_of(content_type: str) -> str:
     return options["boundary"]
 
 
-def _too_large(limit: int) -> PayloadTooLarge:
+def too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"The upload is larger than this registry's limit of {limit} bytes "
                            "(octomil-lite serve --max-upload-size).")
 
@@ -68,7 +68,7 @@ async def receive_upload(chunks: AsyncIterator[bytes], boundary: str, limit: int
         async for chunk in chunks:
             received += len(chunk)
             if received > limit + FORM_OVERHEAD:
-                raise _too_large(limit)
+                raise too_large(limit)
             for event in parser.parse(chunk):
                 if isinstance(event, MultipartSegment):
                     current, text = _start_part(event, result, stage), bytearray()
@@ -79,7 +79,7 @@ async def receive_upload(chunks: AsyncIterator[bytes], boundary: str, limit: int
                 elif current in FILE_PARTS:
                     staged = result.files[current].staged
                     if staged.size + len(event) > limit:
-                        raise _too_large(limit)
+                        raise too_large(limit)
                     await staged.write(event)
                 elif current:
                     text += event

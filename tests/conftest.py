@@ -94,6 +94,15 @@ def onnx_bytes() -> bytes:
     return to_onnx(model, x[:1]).SerializeToString()  # type: ignore[no-any-return]
 
 
+def make_key(home: Path, name: str = "t", scope: str = "write") -> str:
+    """A new API key for the data directory `home`, made by the real CLI."""
+    command = [sys.executable, "-m", "octomil_lite.cli", "keys", "create", "--name", name, "--scope", scope]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OCTOMIL_LITE_HOME": str(home)})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,8 +16,6 @@ import os
 import pickle
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 import zipfile
 import zlib
@@ -29,7 +27,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import Server, bearer
+from conftest import Server, bearer, make_key
 from litestar.testing import TestClient
 
 from octomil_lite.app import create_app
@@ -654,12 +652,6 @@ def test_nothing_is_left_in_tmp_once_every_job_has_ended(matrix: Matrix) -> None
 
 
 # ---- a real server: responsive during a conversion, jobs resumed after a kill ----
-
-def make_key(home: Path) -> str:
-    out = subprocess.run([sys.executable, "-m", "octomil_lite.cli", "keys", "create", "--name", "t"],
-                         capture_output=True, text=True, env={**os.environ, "OCTOMIL_LITE_HOME": str(home)}, check=True)
-    return out.stdout.strip()
-
 
 def children(pid: int) -> list[int]:
     found = []

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from conftest import Server, free_port
-from test_client import make_key, model_file
+from conftest import Server, free_port, make_key
+from test_client import model_file
 
 from octomil_lite.cli import main
 
@@ -23,7 +23,7 @@ class Cli:
 
     def __init__(self, server: Server):
         self.url = server.url
-        self.key = make_key(server.data_dir, "admin")
+        self.key = make_key(server.data_dir, "test-admin", "admin")
 
     def __call__(self, *args: str, input: str | None = None, key: str | None = None) -> Result:
         return CliRunner().invoke(main, [*args, "--url", self.url, "--api-key", key or self.key], input=input)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, bearer, free_port
+from conftest import Server, bearer, free_port, make_key
 
 from octomil_lite import Client, OctomilLiteError
 
@@ -23,18 +21,11 @@ class Live:
     def __init__(self, server: Server):
         self.server = server
         self.url = server.url
-        self.key = make_key(server.data_dir, "admin")
-        self.read_key = make_key(server.data_dir, "read")
+        self.key = make_key(server.data_dir, "test-admin", "admin")
+        self.read_key = make_key(server.data_dir, "test-read", "read")
 
     def client(self, key: str | None = None) -> Client:
         return Client(self.url, key or self.key)
-
-
-def make_key(home: Path, scope: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "octomil_lite.cli", "keys", "create", "--name", f"test-{scope}",
-                          "--scope", scope], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OCTOMIL_LITE_HOME": str(home)})
-    return out.stdout.strip()
 
 
 @pytest.fixture(scope="module")

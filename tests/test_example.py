@@ -7,8 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import Server
-from test_client import make_key
+from conftest import Server, make_key
 
 from octomil_lite import Client
 
@@ -16,7 +15,7 @@ EXAMPLE = Path(__file__).parent.parent / "examples" / "federated_digits.py"
 
 
 def test_federated_digits_registers_every_round_and_its_best_onnx_matches_sklearn(server: Server) -> None:
-    key = make_key(server.data_dir, "write")
+    key = make_key(server.data_dir, "test-write")
     run = subprocess.run([sys.executable, str(EXAMPLE), "--url", server.url, "--api-key", key, "--rounds", "2",
                           "--clients", "3"], capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stdout + run.stderr

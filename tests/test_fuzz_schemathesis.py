@@ -12,8 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Server, bearer
-from test_reliability_crash import make_key
+from conftest import Server, bearer, make_key
 
 schemathesis = pytest.importorskip("schemathesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import httpx
-from conftest import Server, bearer
-from test_reliability_crash import assert_downloads, assert_store_consistent, cli, make_key, payload, verify_clean
+from conftest import Server, bearer, make_key
+from test_reliability_crash import assert_downloads, assert_store_consistent, cli, payload, verify_clean
 
 
 def blob_files(home: Path) -> list[Path]:

@@ -20,18 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import Server, bearer
+from conftest import Server, bearer, make_key
 
 
 def cli(home: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "octomil_lite.cli", *args], capture_output=True, text=True,
                           env={**os.environ, "OCTOMIL_LITE_HOME": str(home)}, timeout=timeout)
-
-
-def make_key(home: Path, name: str = "t", scope: str = "write") -> str:
-    out = cli(home, "keys", "create", "--name", name, "--scope", scope)
-    assert out.returncode == 0, out.stderr
-    return out.stdout.strip()
 
 
 def descendants(pid: int) -> list[int]:

@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Api, Server, bearer
-from test_reliability_crash import assert_downloads, assert_store_consistent, cli, make_key, payload, verify_clean
+from conftest import Api, Server, bearer, make_key
+from test_reliability_crash import assert_downloads, assert_store_consistent, cli, payload, verify_clean
 
 MiB = 1024 * 1024
 

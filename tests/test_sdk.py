@@ -25,7 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import Server, bearer
+from conftest import Server, bearer, make_key
 
 SDK_REQUIREMENT = "octomil-sdk==4.1.2"
 SDK_VERSION = "4.1.2"
@@ -77,13 +77,6 @@ def _onnx(seed: int) -> bytes:
     x = rng.rand(20, 3).astype(np.float32)
     model = LinearRegression().fit(x, x @ rng.rand(3))
     return to_onnx(model, x[:1]).SerializeToString()  # type: ignore[no-any-return]
-
-
-def _make_key(home: Path, scope: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "octomil_lite.cli", "keys", "create", "--name", f"sdk-{scope}",
-                          "--scope", scope], capture_output=True, text=True, check=True,
-                         env={**os.environ, "OCTOMIL_LITE_HOME": str(home)})
-    return out.stdout.strip()
 
 
 class SdkRun:
@@ -138,7 +131,7 @@ def sdk(sdk_python: str, tmp_path_factory: pytest.TempPathFactory, onnx_bytes: b
     root = tmp_path_factory.mktemp("sdk")
     server = Server(root / "data")
     try:
-        key = _make_key(server.data_dir, "write")  # what a hosted user's key can do: no admin needed
+        key = make_key(server.data_dir, "sdk-write")  # what a hosted user's key can do: no admin needed
         files = {"onnx_v1": onnx_bytes, "onnx_v2": _onnx(1), "pkl": sklearn_pickle}
         for name, data in files.items():
             (root / f"{name}.{'pkl' if name == 'pkl' else 'onnx'}").write_bytes(data)

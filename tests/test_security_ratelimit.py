@@ -9,8 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import Server, bearer
-from test_reliability_crash import make_key
+from conftest import Server, bearer, make_key
 
 LIMIT = 60  # per minute, so one token a second refills
 

@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from conftest import Server, bearer
-
-
-def make_key(home: Path) -> str:
-    command = [sys.executable, "-m", "octomil_lite.cli", "keys", "create", "--name", "t", "--scope", "write"]
-    out = subprocess.run(command,
-                         capture_output=True, text=True, env={**os.environ, "OCTOMIL_LITE_HOME": str(home)}, check=True)
-    return out.stdout.strip()
+from conftest import Server, bearer, make_key
 
 
 def test_large_upload_streams_and_downloads_byte_identical(server: Server, tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from octomil_lite.errors import bounded_reason
+
 TARGETS = ("onnx", "tflite", "coreml")
 SAMPLE_ROWS = 16
 FLOAT_TOLERANCE = 1e-4
@@ -160,7 +162,15 @@ def _parse_job(payload: dict[str, Any], scratch: Path) -> Job:
 
 def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     """Convert one uploaded model as the payload asks; never raises for a bad file."""
+    result = _run_job(payload)
+    if result.get("reason") is not None:
+        result["reason"] = bounded_reason(result["reason"])
+    return result
+
+
+def _run_job(payload: dict[str, Any]) -> dict[str, Any]:
     from octomil_lite.safe_pickle import RefusedGlobal
+    from octomil_lite.torch_archives import RefusedArchive
 
     scratch = None
     try:
@@ -177,6 +187,8 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         return {"status": "impossible", "reason": str(exc)}
     except Unavailable as exc:
         return {"status": "unavailable", "reason": str(exc), "extra": exc.extra}
+    except RefusedArchive as exc:
+        return {"status": "failed", "reason": str(exc)}
     except RefusedGlobal as exc:
         return {"status": "failed", "reason": f"{exc}; only numpy, scipy, scikit-learn, xgboost and lightgbm "
                                                "model types may appear in an uploaded pickle"}
@@ -506,6 +518,9 @@ def _load_exported(job: Job) -> Any:
     _require("torch", "torch")
     import torch
 
+    from octomil_lite.torch_archives import check_exported_program
+
+    check_exported_program(job.src)
     return torch.export.load(str(job.src))
 
 
@@ -529,8 +544,11 @@ def _load_torchscript(job: Job) -> tuple[Any, tuple[int, ...]]:
     _require("torch", "torch")
     import torch
 
+    from octomil_lite.torch_archives import check_torchscript
+
     if job.input_shape is None:
         raise Impossible(INPUT_SHAPE_REASON)
+    check_torchscript(job.src)
     return torch.jit.load(str(job.src), map_location="cpu").eval(), job.input_shape
 
 

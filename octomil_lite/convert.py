@@ -169,8 +169,8 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_job(payload: dict[str, Any]) -> dict[str, Any]:
+    from octomil_lite.model_checks import RefusedArchive
     from octomil_lite.safe_pickle import RefusedGlobal
-    from octomil_lite.torch_archives import RefusedArchive
 
     scratch = None
     try:
@@ -518,7 +518,7 @@ def _load_exported(job: Job) -> Any:
     _require("torch", "torch")
     import torch
 
-    from octomil_lite.torch_archives import check_exported_program
+    from octomil_lite.model_checks import check_exported_program
 
     check_exported_program(job.src)
     return torch.export.load(str(job.src))
@@ -544,7 +544,7 @@ def _load_torchscript(job: Job) -> tuple[Any, tuple[int, ...]]:
     _require("torch", "torch")
     import torch
 
-    from octomil_lite.torch_archives import check_torchscript
+    from octomil_lite.model_checks import check_torchscript
 
     if job.input_shape is None:
         raise Impossible(INPUT_SHAPE_REASON)
@@ -637,10 +637,14 @@ def _extract_saved_model(job: Job) -> Path:
                     if written > MAX_UNZIPPED_BYTES:
                         raise ValueError("the zip expands past the size limit")
                     out.write(chunk)
+    from octomil_lite.model_checks import check_saved_model
+
     found = sorted(p.parent for p in target.rglob("saved_model.pb"))
     if not found:
         raise ValueError("the zip holds no saved_model.pb; zip the SavedModel directory itself")
-    return min(found, key=lambda p: len(p.parts))
+    directory = min(found, key=lambda p: len(p.parts))
+    check_saved_model(directory / "saved_model.pb")
+    return directory
 
 
 def _load_keras(job: Job) -> tuple[Any, str | None]:

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import Api, Server, bearer, make_key
 
 from octomil_lite.config import Config
-
-from conftest import Api, Server, bearer, make_key
 
 
 @pytest.fixture

@@ -1,10 +1,11 @@
-"""Cheap checks on PyTorch archives before torch opens them (defence in depth; the job sandbox is the boundary).
+"""Cheap checks on model archives before a framework opens them (defence in depth; the job sandbox is the boundary).
 
 `torch.export.load` unpickles weights and constants marked `use_pickle`, custom and opaque objects, legacy
 weight files and (after a failed weights-only attempt) the sample inputs; it links AOTInductor libraries and
 `exec`s a program's guard code. `torch.jit.load` runs the TorchScript code of `__setstate__` methods. A .pt2
 must therefore consist only of JSON, raw tensor bytes and weights-only sample inputs; a TorchScript archive
-must not name file-reading operations.
+must not name file-reading operations. A TF SavedModel runs graph ops on load (resource initializers) and on
+every call, so its graphs must not hold ops that touch files, outside the save/restore functions TF writes.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ _SCRIPT_FILE_CALLS = re.compile(rb"\b(from_file|torch\.load|torch\.save|open|_lo
 
 
 class RefusedArchive(ValueError):
-    """The archive holds something torch would execute or unpickle."""
+    """The archive holds something the framework would execute or unpickle."""
 
 
 def _members(path: Path) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]:
@@ -160,3 +161,49 @@ def check_torchscript(path: Path) -> None:
             if found:
                 raise RefusedArchive(f"the TorchScript code calls {found.group(1).decode()}(), which reads or writes "
                                      "files when the model loads; such models are not accepted")
+
+
+# TF ops that read, write or list files, or call back into Python, by type name.
+TF_FILE_OPS = frozenset({
+    "ReadFile", "WriteFile", "MatchingFiles", "ImmutableConst", "PyFunc", "PyFuncStateless", "EagerPyFunc",
+    "WholeFileReader", "WholeFileReaderV2", "TextLineReader", "TextLineReaderV2", "FixedLengthRecordReader",
+    "FixedLengthRecordReaderV2", "TFRecordReader", "TFRecordReaderV2", "IdentityReader", "IdentityReaderV2",
+    "LMDBReader", "ReaderRead", "ReaderReadV2", "ReaderReadUpTo", "ReaderReadUpToV2", "ReaderRestoreState",
+    "ReaderRestoreStateV2", "TextLineDataset", "TFRecordDataset", "TFRecordDatasetV2", "FixedLengthRecordDataset",
+    "FixedLengthRecordDatasetV2", "CSVDataset", "CSVDatasetV2", "ExperimentalCSVDataset", "LMDBDataset",
+    "ExperimentalLMDBDataset", "SqlDataset", "ExperimentalSqlDataset", "SnapshotDataset", "SnapshotDatasetV2",
+    "LoadDataset", "SaveDataset", "SaveDatasetV2", "InitializeTableFromTextFile", "InitializeTableFromTextFileV2",
+    "DebugIdentity", "DebugIdentityV2", "DebugIdentityV3", "CreateSummaryFileWriter", "WriteSummary",
+    "WriteScalarSummary", "WriteHistogramSummary", "WriteImageSummary", "WriteAudioSummary", "WriteGraphSummary",
+    "WriteRawProtoSummary", "CreateSummaryDbWriter", "ImportEvent", "FlushSummaryWriter", "DecodeProtoV2",
+})
+# Checkpoint ops, legitimate only inside the save/restore functions tf.saved_model.save traces.
+TF_CHECKPOINT_OPS = frozenset({"Save", "SaveV2", "SaveSlices", "Restore", "RestoreV2", "RestoreSlice",
+                               "MergeV2Checkpoints"})
+_TF_SAVER_FUNCTION = re.compile(r"__inference__traced_(save|restore)_\d+")
+
+
+def check_saved_model(saved_model_pb: Path) -> None:
+    """Refuse a SavedModel whose graphs (main graph or any function) hold file or Python-callback ops."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    try:
+        proto.ParseFromString(saved_model_pb.read_bytes())
+    except Exception:  # noqa: BLE001 - protobuf raises its own DecodeError
+        raise RefusedArchive("saved_model.pb is not a SavedModel protocol buffer") from None
+    for meta_graph in proto.meta_graphs:
+        graph = meta_graph.graph_def
+        _check_tf_nodes(graph.node, in_saver=False)
+        for function in graph.library.function:
+            _check_tf_nodes(function.node_def, in_saver=bool(_TF_SAVER_FUNCTION.fullmatch(function.signature.name)))
+
+
+def _check_tf_nodes(nodes: Any, in_saver: bool) -> None:
+    for node in nodes:
+        op = node.op
+        if op in TF_FILE_OPS or (op in TF_CHECKPOINT_OPS and not in_saver):
+            raise RefusedArchive(f"the SavedModel's graph uses the {_excerpt(op)} op, which reads or writes files; "
+                                 "such models are not accepted")
+        if op == "PrintV2" and node.attr["output_stream"].s.startswith(b"file://"):
+            raise RefusedArchive("the SavedModel's graph prints to a file; such models are not accepted")

@@ -1,4 +1,4 @@
-"""The SQLite file: WAL mode, versioned schema, migrations applied once."""
+"""What only the SQLite metadata store has: the file in WAL mode, a versioned schema, migrations applied once."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from octomil_lite.db import MIGRATIONS, Database, migrate
+from octomil_lite.storage.sqlite import MIGRATIONS, SQLiteStore, migrate
 
 
 async def test_database_is_wal_with_versioned_schema(tmp_path: Path) -> None:
     path = tmp_path / "registry.sqlite3"
-    db = await Database.open(path)
+    db = await SQLiteStore.open(path)
     await db.close()
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -31,19 +31,3 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="newer"):
         migrate(path)
 
-
-async def test_version_numbers_never_reuse_after_the_model_row_counter(tmp_path: Path) -> None:
-    db = await Database.open(tmp_path / "r.sqlite3")
-    await db.insert_model({"id": "m", "created_at": "t"})
-    model = await db.get_model("m")
-    assert model is not None
-    row = {"format": "onnx", "kind": "onnx", "digest": "0" * 64, "size": 1, "description": None, "uploaded_at": "t"}
-    published = []
-
-    async def publish() -> None:
-        published.append(1)
-
-    assert [await db.insert_version(model["seq"], row, {}, [], publish) for _ in range(3)] == [1, 2, 3]
-    assert await db.insert_version(999, row, {}, [], publish) is None
-    assert len(published) == 3
-    await db.close()

@@ -1,4 +1,4 @@
-"""Child-process entry point: `python -I -m octomil_lite.worker TASK` reads a JSON payload on stdin.
+"""Child-process entry point: `python -I -m octomil_lite.convert.worker TASK` reads a JSON payload on stdin.
 
 Only ever started by `sandbox.run_task`; it prints one JSON object as its last stdout line.
 """
@@ -6,102 +6,64 @@ Only ever started by `sandbox.run_task`; it prints one JSON object as its last s
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import tempfile
+import warnings
+from pathlib import Path
 from typing import Any
 
+from .job import Converted, Impossible, Unavailable, parse_job
+from .onnx_checks import check_onnx, fold_onnx, onnx_signature
+from .routes import converter_for
 
-def check_onnx(payload: dict[str, Any]) -> dict[str, Any]:
-    """Validate an uploaded ONNX file without following any external-data reference."""
-    import onnx
 
+def run_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """Convert one uploaded model as the payload asks; never raises for a bad file."""
+    from .safe_pickle import RefusedGlobal
+
+    scratch = None
     try:
-        model = onnx.load(payload["path"], load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
-        return {"ok": False, "reason": f"not a readable ONNX model ({type(exc).__name__})"}
-    for tensor in _all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or tensor.external_data:
-            return {"ok": False, "reason": f"tensor '{tensor.name}' references external data; "
-                                           "upload a self-contained model"}
-    try:
-        onnx.checker.check_model(model, full_check=False)
-    except Exception as exc:  # noqa: BLE001
-        return {"ok": False, "reason": f"fails onnx.checker: {str(exc).splitlines()[0][:300]}"}
-    return {"ok": True, "signature": onnx_signature(model)}
+        scratch = Path(tempfile.mkdtemp(prefix=".work-", dir=payload["out_dir"]))
+        # Libraries write temporaries (coremltools, tf2onnx, zip extraction): keep them inside out_dir.
+        tempfile.tempdir = str(scratch)
+        job = parse_job(payload, scratch)
+        converter = converter_for(job)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            done = converter(job)
+        return _done_result(done)
+    except Impossible as exc:
+        return {"status": "impossible", "reason": str(exc)}
+    except Unavailable as exc:
+        return {"status": "unavailable", "reason": str(exc), "extra": exc.extra}
+    except RefusedGlobal as exc:
+        return {"status": "failed", "reason": f"{exc}; only numpy, scipy, scikit-learn, xgboost and lightgbm "
+                                               "model types may appear in an uploaded pickle"}
+    except MemoryError:
+        return {"status": "failed", "reason": "ran out of memory loading or converting the model "
+                                              "(the file may be corrupt or declare enormous tensors)"}
+    except Exception as exc:  # noqa: BLE001 - any failure is reported against the user's file
+        return {"status": "failed", "reason": _describe(exc)}
+    finally:
+        tempfile.tempdir = None
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
-def fold_onnx(payload: dict[str, Any]) -> dict[str, Any]:
-    """Fold an uploaded external-weights file into its ONNX model, refusing any other reference."""
-    import os
-
-    import onnx
-    from onnx.external_data_helper import load_external_data_for_model
-
-    try:
-        model = onnx.load(payload["path"], load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
-        return {"ok": False, "reason": f"not a readable ONNX model ({type(exc).__name__})"}
-    name = os.path.basename(payload["data_name"].replace("\\", "/"))
-    for tensor in _all_tensors(model):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = {e.key: e.value for e in tensor.external_data}.get("location", "")
-        if location != name or not name or name in (".", ".."):
-            return {"ok": False, "reason": f"tensor '{tensor.name}' references external data '{location[:100]}', "
-                                           f"but the uploaded onnx_data file is '{name[:100]}'"}
-    os.replace(payload["data"], name)  # moved into this empty working directory; onnx refuses hard links
-    try:
-        load_external_data_for_model(model, ".")
-        onnx.checker.check_model(model, full_check=False)
-        onnx.save_model(model, payload["out"])
-    except Exception as exc:  # noqa: BLE001
-        first_line = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-        return {"ok": False, "reason": f"the model and its onnx_data do not fit together: {first_line}"}
-    return {"ok": True, "signature": onnx_signature(model)}
+def _describe(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
 
 
-def _all_tensors(model: Any) -> Any:
-    """Every tensor of a model, including the values and indices of sparse ones (onnx's own walker skips those)."""
-    from onnx.external_data_helper import _get_all_tensors
+def _done_result(done: Converted) -> dict[str, Any]:
+    signature = None
+    if done.path.suffix == ".onnx":
+        import onnx
 
-    yield from _get_all_tensors(model)
-    yield from _sparse_in_graph(model.graph)
-    for function in model.functions:
-        yield from _sparse_in_nodes(function.node)
-
-
-def _sparse_in_graph(graph: Any) -> Any:
-    for sparse in graph.sparse_initializer:
-        yield from (sparse.values, sparse.indices)
-    yield from _sparse_in_nodes(graph.node)
-
-
-def _sparse_in_nodes(nodes: Any) -> Any:
-    for node in nodes:
-        for attr in node.attribute:
-            for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
-                yield from (sparse.values, sparse.indices)
-            for graph in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                yield from _sparse_in_graph(graph)
-
-
-def onnx_signature(model: Any) -> dict[str, Any]:
-    """Names, element types and shapes of a model's graph inputs and outputs."""
-    import onnx
-
-    initializers = {t.name for t in model.graph.initializer}
-
-    def describe(values: Any) -> list[dict[str, Any]]:
-        out = []
-        for v in values:
-            if v.name in initializers:
-                continue
-            tt = v.type.tensor_type
-            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
-            elem = onnx.TensorProto.DataType.Name(tt.elem_type).lower() if tt.elem_type else None
-            out.append({"name": v.name, "type": elem, "shape": shape})
-        return out
-
-    return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
+        signature = onnx_signature(onnx.load(str(done.path), load_external_data=False))
+    return {"status": "done", "path": str(done.path), "parity": done.parity.as_dict(), "signature": signature,
+            "framework": done.framework, "framework_version": done.framework_version, "converter": done.converter}
 
 
 def main() -> None:
@@ -112,8 +74,6 @@ def main() -> None:
     elif task == "fold-onnx":
         result = fold_onnx(payload)
     elif task == "convert":
-        from octomil_lite.convert import run_job
-
         result = run_job(payload)
     else:
         raise SystemExit(f"unknown task {task}")

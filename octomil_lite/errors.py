@@ -56,11 +56,6 @@ class RateLimited(OctomilError):
     code = "rate_limited"
 
 
-class StorageFull(OctomilError):
-    status = 507
-    code = "insufficient_storage"
-
-
 MAX_REASON_CHARS = 300
 
 

@@ -33,7 +33,7 @@ import pytest
 from conftest import bearer
 from litestar.testing import TestClient
 
-from octomil_lite.app import create_app
+from octomil_lite.server.app import create_app
 from octomil_lite.config import Config
 from octomil_lite.errors import MAX_REASON_CHARS
 

@@ -33,9 +33,9 @@ import pytest
 from conftest import bearer
 from litestar.testing import TestClient
 
-from octomil_lite.server.app import create_app
 from octomil_lite.config import Config
 from octomil_lite.errors import MAX_REASON_CHARS
+from octomil_lite.server.app import create_app
 
 FINAL = ("ready", "failed", "impossible", "unavailable")
 WAIT = 300.0

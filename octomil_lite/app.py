@@ -25,6 +25,7 @@ from .convert import available_conversions
 from .errors import DISK_FULL, UNEXPECTED, BadRequest, Forbidden, OctomilError, RateLimited, Unauthorized
 from .registry import KeyInfo, Registry
 from .schemas import ErrorBody
+from .training import DeviceController, TrainingController
 from .web import openapi_config
 from .web import route_handlers as web_routes
 
@@ -214,7 +215,7 @@ def create_app(config: Config) -> Litestar:
         return state.registry  # type: ignore[no-any-return]
 
     app = Litestar(
-        route_handlers=[health, ModelController, signed_download, *web_routes],
+        route_handlers=[health, ModelController, DeviceController, TrainingController, signed_download, *web_routes],
         lifespan=[lifespan],
         state=State({"rate_limiter": RateLimiter(config.rate_limit), "conversions": available_conversions()}),
         dependencies={"registry": Provide(provide_registry, sync_to_thread=False)},

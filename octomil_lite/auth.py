@@ -7,7 +7,7 @@ import math
 import secrets
 import time
 
-SCOPES = ("read", "write", "admin")
+SCOPES = ("read", "device", "write", "admin")  # each allows what those before it do; device = read + submit updates
 KEY_PREFIX = "oml_"
 
 

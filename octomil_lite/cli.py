@@ -11,6 +11,7 @@ from typing import TypeVar
 import click
 
 from . import __version__
+from .auth import SCOPES
 from .cli_client import CLIENT_COMMANDS
 from .config import Config, default_data_dir
 from .errors import OctomilError
@@ -97,7 +98,9 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--name", required=True, help="A name to recognise and revoke the key by.")
-@click.option("--scope", type=click.Choice(["read", "write", "admin"]), default="write", show_default=True)
+@click.option("--scope", type=click.Choice(SCOPES), default="write", show_default=True,
+              help="read: list and download; device: also register devices and submit training updates; "
+                   "write: also change models; admin: also manage keys")
 @data_dir_option
 def keys_create(name: str, scope: str, data_dir: Path | None) -> None:
     """Create a key and print it (alone, so KEY=$(octomil-lite keys create --name ci) works)."""

@@ -11,6 +11,8 @@ from typing import Any
 
 import aiosqlite
 
+from .training_store import TrainingQueries
+
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE models (
@@ -78,6 +80,62 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX api_keys_active_name ON api_keys(name) WHERE revoked_at IS NULL;
     """,
+    # 2: federated learning (devices, rounds, the updates devices submit)
+    """
+    CREATE TABLE devices (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        identifier TEXT NOT NULL UNIQUE,
+        key_name TEXT NOT NULL,
+        platform TEXT,
+        os_version TEXT,
+        sdk_version TEXT,
+        app_version TEXT,
+        metadata TEXT NOT NULL,
+        capabilities TEXT NOT NULL,
+        status TEXT NOT NULL,
+        registered_at TEXT NOT NULL,
+        last_seen_at TEXT NOT NULL
+    );
+    CREATE TABLE training_rounds (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        model_seq INTEGER NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
+        base_version_seq INTEGER REFERENCES versions(seq) ON DELETE SET NULL,
+        source TEXT NOT NULL,
+        status TEXT NOT NULL,
+        config TEXT NOT NULL,
+        deadline TEXT,
+        created_at TEXT NOT NULL,
+        closed_at TEXT,
+        result_version_seq INTEGER REFERENCES versions(seq) ON DELETE SET NULL,
+        metrics TEXT,
+        participants TEXT,
+        provenance TEXT
+    );
+    CREATE INDEX training_rounds_by_model ON training_rounds(model_seq, seq);
+    CREATE INDEX training_rounds_by_status ON training_rounds(status, seq);
+    CREATE TABLE training_updates (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        model_seq INTEGER NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
+        base_version_seq INTEGER NOT NULL REFERENCES versions(seq) ON DELETE CASCADE,
+        round_seq INTEGER REFERENCES training_rounds(seq) ON DELETE CASCADE,
+        device_seq INTEGER NOT NULL REFERENCES devices(seq) ON DELETE CASCADE,
+        update_format TEXT NOT NULL,
+        encoding TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sample_count INTEGER NOT NULL,
+        metrics TEXT NOT NULL,
+        status TEXT NOT NULL,
+        aggregated_into INTEGER REFERENCES training_rounds(seq) ON DELETE SET NULL,
+        submitted_at TEXT NOT NULL
+    );
+    CREATE INDEX training_updates_by_base ON training_updates(base_version_seq, status);
+    CREATE INDEX training_updates_by_round ON training_updates(round_seq, seq);
+    CREATE INDEX training_updates_by_digest ON training_updates(digest);
+    """,
 ]
 
 _MODEL_COLUMNS = """
@@ -88,10 +146,12 @@ _LATEST_JOIN = """
     LEFT JOIN versions v ON v.seq = (SELECT seq FROM versions WHERE model_seq = m.seq ORDER BY number DESC LIMIT 1)
 """
 
-_REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
+_REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
+               "UNION SELECT digest FROM training_updates")
 
 Row = dict[str, Any]
 Publish = Callable[[], Awaitable[None]]
+AlsoWrite = Callable[[aiosqlite.Connection, int], Awaitable[None]]
 
 
 def _dict_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
@@ -134,7 +194,7 @@ def _assignments(fields: Row) -> str:
     return ", ".join(f"{name} = ?" for name in fields)
 
 
-class Database:
+class Database(TrainingQueries):
     """The registry's metadata store; writes are serialised through one connection."""
 
     def __init__(self, reader: aiosqlite.Connection, writer: aiosqlite.Connection):
@@ -219,8 +279,9 @@ class Database:
         return await self._one("SELECT * FROM versions WHERE model_seq = ? ORDER BY number DESC LIMIT 1", (model_seq,))
 
     async def insert_version(self, model_seq: int, row: Row, model_fields: Row, artifacts: list[Row],
-                             publish: Publish) -> int | None:
-        """Publish the blob, then add the model's next version, atomically; None if the model is gone."""
+                             publish: Publish, then: AlsoWrite | None = None) -> int | None:
+        """Publish the blob, then add the model's next version (and `then`'s rows), atomically; None if the model
+        is gone."""
         async with self.transaction() as conn:
             cur = await conn.execute(
                 "UPDATE models SET next_version = next_version + 1 WHERE seq = ? RETURNING next_version - 1 AS number",
@@ -237,6 +298,8 @@ class Database:
                                    (*model_fields.values(), model_seq))
             for artifact in artifacts:
                 await conn.execute(*_insert("artifacts", {"version_seq": version_seq, **artifact}))
+            if then is not None:
+                await then(conn, version_seq)  # type: ignore[arg-type]
             return number
 
     async def delete_version(self, version_seq: int) -> bool:
@@ -312,7 +375,9 @@ class Database:
             "JOIN models m ON m.seq = v.model_seq UNION ALL "
             "SELECT m.id, v.number, a.format, a.digest, a.size FROM artifacts a "
             "JOIN versions v ON v.seq = a.version_seq "
-            "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL")
+            "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL UNION ALL "
+            "SELECT m.id, v.number, 'training update ' || u.id, u.digest, u.size FROM training_updates u "
+            "JOIN versions v ON v.seq = u.base_version_seq JOIN models m ON m.seq = u.model_seq")
 
     async def integrity_check(self) -> str:
         row = await self._one("PRAGMA integrity_check")

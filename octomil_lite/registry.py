@@ -25,6 +25,7 @@ from .config import Config
 from .conversions import TARGETS, ConversionPool
 from .db import Database, Row
 from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
+from .federated import NO_GRAPH, Federated
 from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .schemas import (
     DOWNLOAD_FORMATS,
@@ -121,6 +122,7 @@ class Registry:
         self.pool = ConversionPool(db, blobs, Limits(timeout=config.conversion_timeout,
                                                      memory_bytes=config.conversion_memory_bytes),
                                    config.conversion_workers, utc_now)
+        self.training = Federated(self)
 
     @classmethod
     async def open(cls, config: Config) -> Registry:
@@ -210,6 +212,13 @@ class Registry:
 
     # versions
 
+    async def model_row(self, ref: str) -> Row:
+        return await self._model_row(ref)
+
+    async def version_rows(self, model_ref: str, ref: str | int | None) -> tuple[Row, Row]:
+        """(model, version) for a version number, label, or None for the newest."""
+        return await self._version_row(model_ref, "latest" if ref is None else str(ref))
+
     async def require_model(self, model_id: str) -> None:
         """Fail fast (before an upload body is read) when the model does not exist."""
         await self._model_row(model_id)
@@ -237,6 +246,8 @@ class Registry:
                               "signature": json.dumps(signature), "converter": "original upload", "updated_at": now})
         elif "onnx_data" in files:
             raise BadRequest("An 'onnx_data' part only goes with an ONNX model in 'file'.")
+        elif sniffed.kind == "numpy-npz":
+            artifacts = [{"format": "onnx", "status": "impossible", "reason": NO_GRAPH, "updated_at": now}]
         else:
             artifacts.append({"format": "onnx", "status": "pending", "updated_at": now})
         version = {"label": form.label, "format": fmt, "kind": sniffed.kind, "digest": staged.digest,

@@ -1,0 +1,126 @@
+"""SQLite queries of federated learning (devices, rounds, updates); mixed into the metadata store's Database."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+import aiosqlite
+
+Row = dict[str, Any]
+
+_ROUND = """
+    SELECT r.*, m.id AS model_id, b.number AS base_number, b.label AS base_label,
+           res.number AS result_number, res.label AS result_label,
+           (SELECT count(*) FROM training_updates u WHERE u.round_seq = r.seq) AS update_count,
+           (SELECT count(DISTINCT u.device_seq) FROM training_updates u WHERE u.round_seq = r.seq) AS device_count,
+           (SELECT coalesce(sum(u.sample_count), 0) FROM training_updates u WHERE u.round_seq = r.seq) AS sample_total
+    FROM training_rounds r JOIN models m ON m.seq = r.model_seq
+    LEFT JOIN versions b ON b.seq = r.base_version_seq LEFT JOIN versions res ON res.seq = r.result_version_seq
+"""
+_UPDATE = """
+    SELECT u.*, d.id AS device_id, d.identifier AS device_identifier, b.number AS base_number, r.id AS round_id
+    FROM training_updates u JOIN devices d ON d.seq = u.device_seq JOIN versions b ON b.seq = u.base_version_seq
+    LEFT JOIN training_rounds r ON r.seq = u.round_seq
+"""
+
+
+def _insert(table: str, row: Row) -> tuple[str, tuple[Any, ...]]:
+    return f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
+
+
+def _set(fields: Row) -> str:
+    return ", ".join(f"{name} = ?" for name in fields)
+
+
+class TrainingQueries:
+    """Federated-learning rows; the Database supplies the connections and the write transaction."""
+
+    transaction: Callable[[], AbstractAsyncContextManager[aiosqlite.Connection]]
+    _one: Callable[..., Awaitable[Row | None]]
+    _all: Callable[..., Awaitable[list[Row]]]
+
+    # devices
+
+    async def get_device(self, device_id: str | None = None, *, identifier: str | None = None) -> Row | None:
+        column, value = ("id", device_id) if device_id is not None else ("identifier", identifier)
+        return await self._one(f"SELECT * FROM devices WHERE {column} = ?", (value,))
+
+    async def register_device(self, row: Row, refresh: Row) -> Row:
+        """Insert a device, or (same identifier) refresh its fields; return the stored row."""
+        async with self.transaction() as conn:
+            cur = await conn.execute(
+                f"{_insert('devices', row)[0]} ON CONFLICT(identifier) DO UPDATE SET {_set(refresh)} RETURNING *",
+                (*row.values(), *refresh.values()))
+            return await cur.fetchone()  # type: ignore[return-value]
+
+    async def update_device(self, device_seq: int, fields: Row) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(f"UPDATE devices SET {_set(fields)} WHERE seq = ?", (*fields.values(), device_seq))
+
+    async def list_devices(self) -> list[Row]:
+        return await self._all("SELECT * FROM devices ORDER BY seq")
+
+    # rounds
+
+    async def insert_round(self, row: Row) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(*_insert("training_rounds", row))
+
+    async def get_round(self, round_id: str) -> Row | None:
+        return await self._one(f"{_ROUND} WHERE r.id = ?", (round_id,))
+
+    async def list_rounds(self, model_seq: int | None, status: str | None, limit: int = 200) -> list[Row]:
+        where, params = [], []
+        if model_seq is not None:
+            where.append("r.model_seq = ?")
+            params.append(model_seq)
+        if status is not None:
+            where.append("r.status = ?")
+            params.append(status)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return await self._all(f"{_ROUND} {clause} ORDER BY r.seq DESC LIMIT ?", (*params, limit))
+
+    async def update_round(self, round_seq: int, fields: Row, *, only_status: str | None = None) -> bool:
+        """Change a round's fields (when given, only while its status is `only_status`)."""
+        guard, params = ("AND status = ?", (only_status,)) if only_status else ("", ())
+        async with self.transaction() as conn:
+            cur = await conn.execute(f"UPDATE training_rounds SET {_set(fields)} WHERE seq = ? {guard}",
+                                     (*fields.values(), round_seq, *params))
+            return cur.rowcount > 0
+
+    # updates
+
+    async def insert_update(self, row: Row, publish: Callable[[], Awaitable[None]]) -> None:
+        """Publish the update's blob and record it, atomically (a concurrent gc cannot take the blob)."""
+        async with self.transaction() as conn:
+            await publish()
+            await conn.execute(*_insert("training_updates", row))
+
+    async def list_updates(self, *, round_seq: int | None = None, base_version_seq: int | None = None,
+                           status: str | None = None) -> list[Row]:
+        where, params = [], []
+        for column, value in (("u.round_seq", round_seq), ("u.base_version_seq", base_version_seq),
+                              ("u.status", status)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        return await self._all(f"{_UPDATE} {clause} ORDER BY u.seq", params)
+
+    @staticmethod
+    async def record_aggregate(conn: aiosqlite.Connection, round_row: Row | None, round_seq: int | None,
+                               fields: Row, update_seqs: Iterable[int]) -> None:
+        """Inside the new version's transaction: complete (or create, completed) the round; mark its updates."""
+        if round_seq is None:
+            assert round_row is not None
+            cur = await conn.execute(*_insert("training_rounds", {**round_row, **fields}))
+            round_seq = cur.lastrowid
+        else:
+            await conn.execute(f"UPDATE training_rounds SET {_set(fields)} WHERE seq = ?",
+                               (*fields.values(), round_seq))
+        seqs = list(update_seqs)
+        await conn.executemany("UPDATE training_updates SET status = 'aggregated', aggregated_into = ?, "
+                               "round_seq = coalesce(round_seq, ?) WHERE seq = ?",
+                               [(round_seq, round_seq, s) for s in seqs])

@@ -97,7 +97,8 @@ def round_view(r: Row) -> dict[str, Any]:
     version = r["base_number"]
     return {"round_id": r["id"], "id": r["id"], "model_id": r["model_id"], "version": version,
             "base_version": version, "status": status_of(r), "source": r["source"],
-            "participants": r["device_count"], "target_participants": config.get("target_participants"),
+            "participants": r["device_count"] or len(_loads(r["participants"], [])),
+            "target_participants": config.get("target_participants"),
             "min_updates": config.get("min_updates"), "update_count": r["update_count"],
             "sample_count": r["sample_total"], "deadline": r["deadline"],
             "config": {**config, "model_id": r["model_id"], "version": version},
@@ -160,7 +161,11 @@ class Federated:
     # rounds
 
     async def open_round(self, req: OpenRound) -> dict[str, Any]:
-        model, version = await self.registry.version_rows(req.model_id, req.version)
+        if req.source == "flower" and req.version is None:
+            # Flower aggregates parameters the registry may never have seen: such a round has no base
+            model, version = await self.registry.model_row(req.model_id), None
+        else:
+            model, version = await self.registry.version_rows(req.model_id, req.version)
         config = dict(req.config or {})
         if config.get("secure_aggregation"):
             raise NotImplementedByLite(f"Secure aggregation {NOT_HOSTED}.")
@@ -171,7 +176,8 @@ class Federated:
         now = _now()
         deadline = _iso(now + timedelta(seconds=req.deadline_seconds)) if req.deadline_seconds else None
         round_id = str(uuid.uuid4())
-        await self.db.insert_round({"id": round_id, "model_seq": model["seq"], "base_version_seq": version["seq"],
+        await self.db.insert_round({"id": round_id, "model_seq": model["seq"],
+                                    "base_version_seq": version["seq"] if version else None,
                                     "source": req.source, "status": "active", "config": json.dumps(config),
                                     "deadline": deadline, "created_at": _iso(now)})
         return await self.round_status(round_id)
@@ -292,6 +298,8 @@ class Federated:
         device = await self._device(req.device_id, key)
         round_row = await self.round_row(req.round_id) if req.round_id else None
         if round_row is not None:
+            if round_row["source"] == "flower":
+                raise BadRequest(f"Round '{round_row['id']}' records a Flower run; Flower aggregates its updates.")
             if status_of(round_row) != "active":
                 raise Conflict(f"Round '{round_row['id']}' is {status_of(round_row)}; it takes no more updates.")
             base_ref = req.version if req.version is not None else round_row["base_number"]

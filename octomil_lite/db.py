@@ -135,6 +135,7 @@ MIGRATIONS: list[str] = [
     CREATE INDEX training_updates_by_base ON training_updates(base_version_seq, status);
     CREATE INDEX training_updates_by_round ON training_updates(round_seq, seq);
     CREATE INDEX training_updates_by_digest ON training_updates(digest);
+    CREATE UNIQUE INDEX training_updates_once ON training_updates(device_seq, base_version_seq, digest);
     """,
 ]
 

@@ -37,6 +37,7 @@ Row = dict[str, Any]
 MAX_UPDATE_BYTES = 64 * 1024 * 1024
 WEIGHTS_BODY_LIMIT = MAX_UPDATE_BYTES * 4 // 3 + 1024 * 1024  # base64 inflates by 4/3; the rest is JSON
 STRATEGIES = ("fedavg", "metrics")  # "metrics" is Federation.train's default name; both mean FedAvg here
+_SIGNATURES_KEPT = 4096
 _WEIGHT_KINDS = {"torch-zip": "torch", "numpy-npz": "npz"}
 EXTENSIONS = {"torch": ".pt", "npz": ".npz"}
 NO_GRAPH = "an .npz of weights has no model graph to convert"
@@ -259,12 +260,18 @@ class Federated:
         if encoding is None:
             raise BadRequest(f"Version {version['number']} is {version['kind']}, not a weights file; federated "
                              "rounds need a base that is a torch.save(state_dict) or an .npz of arrays.")
-        if version["digest"] not in self._signatures:
-            signature = await self._inspect(self.blobs.path(version["digest"]), encoding, "The base version")
-            self._signatures[version["digest"]] = signature
-        return self._signatures[version["digest"]], encoding
+        return await self._inspect(self.blobs.path(version["digest"]), encoding, "The base version",
+                                   version["digest"]), encoding
 
-    async def _inspect(self, path: Path, encoding: str, what: str) -> tensors.Signature:
+    async def _inspect(self, path: Path, encoding: str, what: str, digest: str) -> tensors.Signature:
+        """The tensors of a weights file, remembered by content (a base is read once; a retried update too)."""
+        if digest not in self._signatures:
+            if len(self._signatures) >= _SIGNATURES_KEPT:
+                self._signatures.clear()
+            self._signatures[digest] = await self._read_signature(path, encoding, what)
+        return self._signatures[digest]
+
+    async def _read_signature(self, path: Path, encoding: str, what: str) -> tensors.Signature:
         if encoding == "torch":
             result = await self.sandboxed("inspect-weights", {"path": str(path), "encoding": encoding}, CHECK_LIMITS)
             if result["nonfinite"]:
@@ -329,7 +336,7 @@ class Federated:
             if encoding is None:
                 raise BadRequest("Field 'weights_data' is not np.save, np.savez or torch.save(state_dict) bytes.")
             try:
-                signature = await self._inspect(staged.path, encoding, "The update")
+                signature = await self._inspect(staged.path, encoding, "The update", staged.digest)
             except tensors.WeightsError as exc:
                 raise BadRequest(f"The update cannot be used: {exc}.") from None
             if reason := tensors.fit_to_base(signature, base_signature):
@@ -344,11 +351,11 @@ class Federated:
             async def publish() -> None:
                 await self.blobs.commit(staged)
 
-            await self.db.insert_update(row, publish)
+            row = await self.db.insert_update(row, publish)
         finally:
             await staged.discard()
         await self.db.update_device(device["seq"], {"last_seen_at": iso_now()})
-        return {"update_id": update_id, "status": "accepted", "model_id": model["id"], "version": version["number"],
+        return {"update_id": row["id"], "status": row["status"], "model_id": model["id"], "version": version["number"],
                 "round_id": round_row["id"] if round_row else None, "sample_count": req.sample_count,
                 "encoding": encoding, "hash": f"sha256:{row['digest']}"}
 

@@ -92,11 +92,18 @@ class TrainingQueries:
 
     # updates
 
-    async def insert_update(self, row: Row, publish: Callable[[], Awaitable[None]]) -> None:
-        """Publish the update's blob and record it, atomically (a concurrent gc cannot take the blob)."""
+    async def insert_update(self, row: Row, publish: Callable[[], Awaitable[None]]) -> Row:
+        """Publish the update's blob and record it, atomically (a concurrent gc cannot take the blob); the same
+        bytes from the same device on the same base (a client's retry) give the update already stored."""
         async with self.transaction() as conn:
+            cur = await conn.execute(
+                "SELECT * FROM training_updates WHERE device_seq = ? AND base_version_seq = ? AND digest = ?",
+                (row["device_seq"], row["base_version_seq"], row["digest"]))
+            if existing := await cur.fetchone():
+                return existing  # type: ignore[return-value]
             await publish()
             await conn.execute(*_insert("training_updates", row))
+            return row
 
     async def list_updates(self, *, round_seq: int | None = None, base_version_seq: int | None = None,
                            status: str | None = None) -> list[Row]:

@@ -149,6 +149,8 @@ async def test_fedavg_of_weights_and_deltas_equals_the_weighted_mean(api: Api) -
                             round_id=opened["round_id"])
         assert resp.status_code == 200, resp.text
         assert resp.json()["status"] == "accepted" and resp.json()["update_id"]
+    retried = await submit(api, key, devices[0], model_id, npz(full_a), 10, round_id=opened["round_id"])
+    assert retried.status_code == 200  # a client's retry of the same bytes is the same update, not a second one
     early = await api.client.post("/api/v1/training/aggregate", headers=api.headers,
                                   json={"model_id": model_id, "min_updates": 4})
     assert early.status_code == 409 and "at least 4" in early.json()["message"]

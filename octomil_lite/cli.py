@@ -13,6 +13,7 @@ import click
 from . import __version__
 from .auth import SCOPES
 from .cli_client import CLIENT_COMMANDS
+from .cli_training import TRAINING_COMMANDS
 from .config import Config, default_data_dir
 from .errors import OctomilError
 
@@ -163,7 +164,7 @@ def verify(data_dir: Path | None) -> None:
         raise SystemExit(1)
 
 
-for command in CLIENT_COMMANDS:
+for command in [*CLIENT_COMMANDS, *TRAINING_COMMANDS]:
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -58,3 +58,10 @@ def test_flower_run_records_one_version_per_round_with_metrics(server: Server, t
             np.testing.assert_allclose(got["w"], [1.5, -2.0, 0.5, 3.0], atol=0.1)
         detail = client.get_version(model["id"], versions[-1]["version"])
         assert detail["formats"]["onnx"]["status"] == "impossible"
+    listed = subprocess.run([sys.executable, "-m", "octomil_lite.cli", "rounds", model["id"], "--url", server.url,
+                             "--api-key", key], capture_output=True, text=True, timeout=120, check=False)
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split()[:6] == ["ROUND", "STATUS", "SOURCE", "BASE", "RESULT", "DEVICES"]
+    assert [line.split()[1:3] for line in lines[1:]] == [["completed", "flower"]] * 3
+    assert all(" 240 " in line for line in lines[1:])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,9 +27,11 @@ SCRIPT = Path(__file__).resolve().parent / "sdk_fl_script.py"
 
 
 class FlRun:
-    def __init__(self, report: dict[str, Any], base: dict[str, Any]):
+    def __init__(self, report: dict[str, Any], base: dict[str, Any], server: Server, key: str):
         self.report = report
         self.base = base
+        self.server = server
+        self.key = key
 
     def step(self, name: str) -> Any:
         got = self.report["steps"][name]
@@ -68,7 +71,7 @@ def fl(sdk_python: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fl
         assert proc.returncode == 0, f"sdk_fl_script.py exited {proc.returncode}:\n{proc.stderr[-3000:]}"
         report = json.loads(proc.stdout.strip().splitlines()[-1])
         (root / "report.json").write_text(json.dumps(report, indent=1))  # the whole exchange, for people
-        yield FlRun(report, base)
+        yield FlRun(report, base, server, write_key)
     finally:
         server.stop()
 
@@ -129,6 +132,12 @@ def test_join_round_with_three_clients_then_aggregate(fl: FlRun) -> None:
         torch.testing.assert_close(got, expected[name], atol=1e-6, rtol=0)
         assert not torch.allclose(got, torch.tensor(aggregated[name], dtype=torch.float64))
     assert fl.step("get_round_assignment_after") is None
+    listed = subprocess.run([sys.executable, "-m", "octomil_lite.cli", "updates", round_id, "--url", fl.server.url,
+                             "--api-key", fl.key], capture_output=True, text=True, timeout=120, check=False)
+    assert listed.returncode == 0, listed.stderr
+    rows = [line.split() for line in listed.stdout.splitlines()[1:]]
+    assert [(r[1], r[2], r[3], r[6]) for r in rows] == [
+        (f"lab-laptop-{i}", "delta/torch", str(n), "aggregated") for i, n in enumerate((20, 25, 30))]
 
 
 def test_secure_aggregation_and_personalisation_say_why_not(fl: FlRun) -> None:

@@ -41,8 +41,8 @@ _SIGNATURES_KEPT = 4096
 _WEIGHT_KINDS = {"torch-zip": "torch", "numpy-npz": "npz"}
 EXTENSIONS = {"torch": ".pt", "npz": ".npz"}
 NO_GRAPH = "an .npz of weights has no model graph to convert"
-NOT_HOSTED = ("needs the hosted Octomil platform; octomil-lite aggregates plain FedAvg in one process "
-              "and does not implement it")
+NOT_HOSTED = ("is not implemented by octomil-lite: it needs the hosted Octomil platform (octomil-lite "
+              "aggregates plain FedAvg in one process)")
 
 
 def _now() -> datetime:
@@ -116,6 +116,7 @@ class Federated:
         self.db = registry.db
         self.blobs = registry.blobs
         self._signatures: dict[str, tensors.Signature] = {}
+        self._reading: dict[str, asyncio.Future[tensors.Signature]] = {}
 
     # devices
 
@@ -264,12 +265,19 @@ class Federated:
                                    version["digest"]), encoding
 
     async def _inspect(self, path: Path, encoding: str, what: str, digest: str) -> tensors.Signature:
-        """The tensors of a weights file, remembered by content (a base is read once; a retried update too)."""
-        if digest not in self._signatures:
-            if len(self._signatures) >= _SIGNATURES_KEPT:
-                self._signatures.clear()
-            self._signatures[digest] = await self._read_signature(path, encoding, what)
-        return self._signatures[digest]
+        """The tensors of a weights file, remembered by content (a base is read once; a retried update too, even
+        while the first attempt is still being read)."""
+        if digest in self._signatures:
+            return self._signatures[digest]
+        reading = self._reading.get(digest)
+        if reading is None:
+            reading = self._reading[digest] = asyncio.ensure_future(self._read_signature(path, encoding, what))
+            reading.add_done_callback(lambda _: self._reading.pop(digest, None))
+        signature = await asyncio.shield(reading)
+        if len(self._signatures) >= _SIGNATURES_KEPT:
+            self._signatures.clear()
+        self._signatures[digest] = signature
+        return signature
 
     async def _read_signature(self, path: Path, encoding: str, what: str) -> tensors.Signature:
         if encoding == "torch":

@@ -117,8 +117,8 @@ class TrainingController(Controller):
 
     @get("/personalized/{device_id:str}", opt={"scope": "device"}, responses=_errors(501))
     async def personalized(self, device_id: FromPath[str]) -> Json:
-        raise NotImplementedByLite(f"Personalised models {NOT_HOSTED}.")
+        raise NotImplementedByLite(f"Personalisation {NOT_HOSTED}.")
 
     @post("/personalized/{device_id:str}", opt={"scope": "device"}, status_code=200, responses=_errors(501))
     async def personalized_update(self, device_id: FromPath[str]) -> Json:
-        raise NotImplementedByLite(f"Personalised models {NOT_HOSTED}.")
+        raise NotImplementedByLite(f"Personalisation {NOT_HOSTED}.")

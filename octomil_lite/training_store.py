@@ -10,6 +10,64 @@ import aiosqlite
 
 Row = dict[str, Any]
 
+# Migration 2 (appended to the store's MIGRATIONS): devices, rounds, and the updates devices submit.
+TRAINING_TABLES = """
+CREATE TABLE devices (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    identifier TEXT NOT NULL UNIQUE,
+    key_name TEXT NOT NULL,
+    platform TEXT,
+    os_version TEXT,
+    sdk_version TEXT,
+    app_version TEXT,
+    metadata TEXT NOT NULL,
+    capabilities TEXT NOT NULL,
+    status TEXT NOT NULL,
+    registered_at TEXT NOT NULL,
+    last_seen_at TEXT NOT NULL
+);
+CREATE TABLE training_rounds (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    model_seq INTEGER NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
+    base_version_seq INTEGER REFERENCES versions(seq) ON DELETE SET NULL,
+    source TEXT NOT NULL,
+    status TEXT NOT NULL,
+    config TEXT NOT NULL,
+    deadline TEXT,
+    created_at TEXT NOT NULL,
+    closed_at TEXT,
+    result_version_seq INTEGER REFERENCES versions(seq) ON DELETE SET NULL,
+    metrics TEXT,
+    participants TEXT,
+    provenance TEXT
+);
+CREATE INDEX training_rounds_by_model ON training_rounds(model_seq, seq);
+CREATE INDEX training_rounds_by_status ON training_rounds(status, seq);
+CREATE TABLE training_updates (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    model_seq INTEGER NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
+    base_version_seq INTEGER NOT NULL REFERENCES versions(seq) ON DELETE CASCADE,
+    round_seq INTEGER REFERENCES training_rounds(seq) ON DELETE CASCADE,
+    device_seq INTEGER NOT NULL REFERENCES devices(seq) ON DELETE CASCADE,
+    update_format TEXT NOT NULL,
+    encoding TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sample_count INTEGER NOT NULL,
+    metrics TEXT NOT NULL,
+    status TEXT NOT NULL,
+    aggregated_into INTEGER REFERENCES training_rounds(seq) ON DELETE SET NULL,
+    submitted_at TEXT NOT NULL
+);
+CREATE INDEX training_updates_by_base ON training_updates(base_version_seq, status);
+CREATE INDEX training_updates_by_round ON training_updates(round_seq, seq);
+CREATE INDEX training_updates_by_digest ON training_updates(digest);
+CREATE UNIQUE INDEX training_updates_once ON training_updates(device_seq, base_version_seq, digest);
+"""
+
 _ROUND = """
     SELECT r.*, m.id AS model_id, b.number AS base_number, b.label AS base_label,
            res.number AS result_number, res.label AS result_label,

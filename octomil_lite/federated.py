@@ -38,6 +38,7 @@ MAX_UPDATE_BYTES = 64 * 1024 * 1024
 WEIGHTS_BODY_LIMIT = MAX_UPDATE_BYTES * 4 // 3 + 1024 * 1024  # base64 inflates by 4/3; the rest is JSON
 STRATEGIES = ("fedavg", "metrics")  # "metrics" is Federation.train's default name; both mean FedAvg here
 _SIGNATURES_KEPT = 4096
+BASE = "The base version"
 _WEIGHT_KINDS = {"torch-zip": "torch", "numpy-npz": "npz"}
 EXTENSIONS = {"torch": ".pt", "npz": ".npz"}
 NO_GRAPH = "an .npz of weights has no model graph to convert"
@@ -203,7 +204,7 @@ class Federated:
             views = [v for v in views if v["status"] == status]
         if device_id is not None:
             device = await self._device(device_id, key)
-            done = {u["round_id"] for u in await self.db.list_updates() if u["device_seq"] == device["seq"]}
+            done = {u["round_id"] for u in await self.db.list_updates(device_seq=device["seq"])}
             views = [v for v in views if v["status"] == "active" and v["round_id"] not in done]
         return {"rounds": views, "total": len(views)}
 
@@ -261,7 +262,7 @@ class Federated:
         if encoding is None:
             raise BadRequest(f"Version {version['number']} is {version['kind']}, not a weights file; federated "
                              "rounds need a base that is a torch.save(state_dict) or an .npz of arrays.")
-        return await self._inspect(self.blobs.path(version["digest"]), encoding, "The base version",
+        return await self._inspect(self.blobs.path(version["digest"]), encoding, BASE,
                                    version["digest"]), encoding
 
     async def _inspect(self, path: Path, encoding: str, what: str, digest: str) -> tensors.Signature:
@@ -294,8 +295,10 @@ class Federated:
             return {k: (list(a.shape), a.dtype.name) for k, a in arrays.items()}
 
         try:
-            await asyncio.to_thread(tensors.npy_signature if encoding == "npy" else tensors.npz_signature, path)
-            return await asyncio.to_thread(read)
+            headers = await asyncio.to_thread(tensors.npy_signature if encoding == "npy" else tensors.npz_signature,
+                                              path)
+            # a base may be large and came from a write key: headers suffice; a bounded update is read whole for NaNs
+            return headers if what == BASE else await asyncio.to_thread(read)
         except tensors.WeightsError as exc:
             raise BadRequest(f"{what} cannot be used: {exc}.") from None
 

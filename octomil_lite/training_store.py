@@ -65,6 +65,7 @@ CREATE TABLE training_updates (
 CREATE INDEX training_updates_by_base ON training_updates(base_version_seq, status);
 CREATE INDEX training_updates_by_round ON training_updates(round_seq, seq);
 CREATE INDEX training_updates_by_digest ON training_updates(digest);
+CREATE INDEX training_updates_by_device ON training_updates(device_seq, round_seq);
 CREATE UNIQUE INDEX training_updates_once ON training_updates(device_seq, base_version_seq, digest);
 """
 
@@ -164,10 +165,10 @@ class TrainingQueries:
             return row
 
     async def list_updates(self, *, round_seq: int | None = None, base_version_seq: int | None = None,
-                           status: str | None = None) -> list[Row]:
+                           status: str | None = None, device_seq: int | None = None) -> list[Row]:
         where, params = [], []
         for column, value in (("u.round_seq", round_seq), ("u.base_version_seq", base_version_seq),
-                              ("u.status", status)):
+                              ("u.status", status), ("u.device_seq", device_seq)):
             if value is not None:
                 where.append(f"{column} = ?")
                 params.append(value)

@@ -101,9 +101,7 @@ def test_train_then_aggregate_is_the_weighted_mean_of_the_full_weights(fl: FlRun
     for i in range(3):
         [answer] = fl.step(f"train_{i}")
         assert answer["status"] == "accepted" and answer["update_id"]
-    result = fl.step("aggregate_train")
-    assert result["status"] == 200, result
-    body = result["body"]
+    body = fl.step("federation_train")
     assert body["update_count"] == 3 and body["sample_count"] == 60 and body["base_version"] == 1
     expected = fedavg(fl.report["sent"]["train"])
     for name, values in fl.step("pull_aggregated").items():
@@ -118,10 +116,10 @@ def test_join_round_with_three_clients_then_aggregate(fl: FlRun) -> None:
         assert answer["status"] == "accepted" and answer["round_id"] == round_id
     before = fl.step("get_round_status_before")
     assert before["status"] == "active" and before["participants"] == 3 and before["target_participants"] == 3
-    result = fl.step("aggregate_round")
-    assert result["status"] == 200 and result["body"]["round_id"] == round_id, result
+    result = fl.step("federation_train_round")
+    assert result["round_id"] == round_id, result
     after = fl.step("get_round_status_after")
-    assert after["status"] == "completed" and after["result_version"] == result["body"]["version"]
+    assert after["status"] == "completed" and after["result_version"] == result["version"]
     assert [p["sample_count"] for p in after["participant_details"]] == [20, 25, 30]
     # deltas against the round's base: the new version is the weighted mean of what the clients trained
     expected = fedavg(fl.report["sent"]["join"])
@@ -144,3 +142,15 @@ def test_secure_aggregation_and_personalisation_say_why_not(fl: FlRun) -> None:
     for name in ("join_round_secure_aggregation", "get_personalized_model"):
         error = fl.error(name)
         assert "not_implemented" in error and "hosted Octomil platform" in error, error
+
+
+def test_device_control_and_training_sessions(fl: FlRun) -> None:
+    registered = fl.step("control_register")
+    assert registered["id"] == fl.step("register_0") and registered["status"] == "active"
+    assert fl.step("control_heartbeat")["status"] == "ok"
+    assert fl.step("control_refresh")["updated"] is True
+    session = fl.step("octomil_train")
+    assert session["session_id"]
+    status = fl.step("octomil_train_status")
+    assert status["status"] == "training" and status["active_rounds"] == [session["session_id"]]
+    assert fl.step("octomil_train_stop")["stopped_rounds"] == [session["session_id"]]

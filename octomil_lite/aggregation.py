@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from . import storage
+from .convert.sandbox import Limits
 from .errors import BadRequest, Conflict, NotFound
 from .federated import EXTENSIONS, NO_GRAPH, STRATEGIES, Federated, iso_now, status_of, weighted_metrics
-from .sandbox import Limits
 from .schemas import Aggregate
-
-if TYPE_CHECKING:
-    import aiosqlite
 
 Row = dict[str, Any]
 
@@ -88,16 +85,13 @@ async def aggregate(fed: Federated, req: Aggregate) -> dict[str, Any]:
     fields = {"status": "completed", "closed_at": now, "metrics": json.dumps(metrics),
               "participants": json.dumps(participants), "provenance": json.dumps(provenance)}
 
-    async def also(conn: aiosqlite.Connection, version_seq: int) -> None:
-        await fed.db.record_aggregate(conn, new_round, round_seq, {**fields, "result_version_seq": version_seq},
-                                      [u["seq"] for u in chosen])
-
     async def publish() -> None:
         await fed.blobs.commit(staged)
 
     try:
-        number = await fed.db.insert_version(model["seq"], version, {"round_id": round_id}, artifacts, publish, also)
-    except sqlite3.IntegrityError:
+        number = await fed.db.insert_aggregate(model["seq"], version, artifacts, publish, new_round, round_seq, fields,
+                                               [u["seq"] for u in chosen])
+    except storage.Conflict:
         raise Conflict(f"Model '{model['id']}' already has a version labelled '{req.new_version}'.") from None
     finally:
         await staged.discard()

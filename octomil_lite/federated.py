@@ -16,9 +16,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import tensors
+from .convert import tensors
+from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
-from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .schemas import (
     Aggregate,
     Heartbeat,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.common import Parameters, Scalar, parameters_to_ndarrays
 from flwr.server.strategy import Strategy
 
-from .tensors import save_npz
+from .convert.tensors import save_npz
 
 if TYPE_CHECKING:
     from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes

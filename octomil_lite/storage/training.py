@@ -1,4 +1,4 @@
-"""SQLite queries of federated learning (devices, rounds, updates); mixed into the metadata store's Database."""
+"""SQLite queries of federated learning (devices, rounds, updates); mixed into SQLiteStore."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import aiosqlite
 
 Row = dict[str, Any]
+Publish = Callable[[], Awaitable[None]]
 
 # Migration 2 (appended to the store's MIGRATIONS): devices, rounds, and the updates devices submit.
 TRAINING_TABLES = """
@@ -97,6 +98,7 @@ class TrainingQueries:
     """Federated-learning rows; the Database supplies the connections and the write transaction."""
 
     transaction: Callable[[], AbstractAsyncContextManager[aiosqlite.Connection]]
+    _add_version: Callable[..., Awaitable[tuple[int, int] | None]]
     _one: Callable[..., Awaitable[Row | None]]
     _all: Callable[..., Awaitable[list[Row]]]
 
@@ -151,7 +153,7 @@ class TrainingQueries:
 
     # updates
 
-    async def insert_update(self, row: Row, publish: Callable[[], Awaitable[None]]) -> Row:
+    async def insert_update(self, row: Row, publish: Publish) -> Row:
         """Publish the update's blob and record it, atomically (a concurrent gc cannot take the blob); the same
         bytes from the same device on the same base (a client's retry) give the update already stored."""
         async with self.transaction() as conn:
@@ -175,18 +177,27 @@ class TrainingQueries:
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         return await self._all(f"{_UPDATE} {clause} ORDER BY u.seq", params)
 
-    @staticmethod
-    async def record_aggregate(conn: aiosqlite.Connection, round_row: Row | None, round_seq: int | None,
-                               fields: Row, update_seqs: Iterable[int]) -> None:
-        """Inside the new version's transaction: complete (or create, completed) the round; mark its updates."""
-        if round_seq is None:
-            assert round_row is not None
-            cur = await conn.execute(*_insert("training_rounds", {**round_row, **fields}))
-            round_seq = cur.lastrowid
-        else:
-            await conn.execute(f"UPDATE training_rounds SET {_set(fields)} WHERE seq = ?",
-                               (*fields.values(), round_seq))
-        seqs = list(update_seqs)
-        await conn.executemany("UPDATE training_updates SET status = 'aggregated', aggregated_into = ?, "
-                               "round_seq = coalesce(round_seq, ?) WHERE seq = ?",
-                               [(round_seq, round_seq, s) for s in seqs])
+    async def insert_aggregate(self, model_seq: int, version: Row, artifacts: list[Row], publish: Publish,
+                               round_row: Row | None, round_seq: int | None, fields: Row,
+                               update_seqs: Iterable[int]) -> int | None:
+        """In one write: the aggregated version (publishing its blob), its round completed (created, completed,
+        when `round_seq` is None) and its updates marked aggregated. The version number, or None if the model
+        is gone."""
+        async with self.transaction() as conn:
+            added = await self._add_version(conn, model_seq, version, {"round_id": version["round_id"]}, artifacts,
+                                            publish)
+            if added is None:
+                return None
+            number, version_seq = added
+            fields = {**fields, "result_version_seq": version_seq}
+            if round_seq is None:
+                assert round_row is not None
+                cur = await conn.execute(*_insert("training_rounds", {**round_row, **fields}))
+                round_seq = cur.lastrowid
+            else:
+                await conn.execute(f"UPDATE training_rounds SET {_set(fields)} WHERE seq = ?",
+                                   (*fields.values(), round_seq))
+            await conn.executemany("UPDATE training_updates SET status = 'aggregated', aggregated_into = ?, "
+                                   "round_seq = coalesce(round_seq, ?) WHERE seq = ?",
+                                   [(round_seq, round_seq, s) for s in update_seqs])
+            return number

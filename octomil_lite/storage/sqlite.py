@@ -1,17 +1,19 @@
-"""SQLite metadata: one writer connection, one reader, WAL; every query of the registry lives here."""
+"""SQLite metadata store: one writer connection, one reader, WAL; every SQL query of the registry lives here."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-from .training_store import TRAINING_TABLES, TrainingQueries
+from ..errors import DISK_FULL
+from . import Conflict, Publish, Row, StorageFull
+from .training import TRAINING_TABLES, TrainingQueries
 
 MIGRATIONS: list[str] = [
     """
@@ -80,7 +82,7 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX api_keys_active_name ON api_keys(name) WHERE revoked_at IS NULL;
     """,
-    TRAINING_TABLES,  # 2: federated learning (training_store.py)
+    TRAINING_TABLES,  # 2: federated learning (storage/training.py)
 ]
 
 _MODEL_COLUMNS = """
@@ -94,9 +96,18 @@ _LATEST_JOIN = """
 _REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
                "UNION SELECT digest FROM training_updates")
 
-Row = dict[str, Any]
-Publish = Callable[[], Awaitable[None]]
-AlsoWrite = Callable[[aiosqlite.Connection, int], Awaitable[None]]
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """sqlite3's exceptions leave this module as the storage errors the registry knows."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise Conflict("The change clashes with a stored name, label or key; nothing was written.") from exc
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+            raise StorageFull(DISK_FULL) from exc
+        raise
 
 
 def _dict_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
@@ -139,8 +150,8 @@ def _assignments(fields: Row) -> str:
     return ", ".join(f"{name} = ?" for name in fields)
 
 
-class Database(TrainingQueries):
-    """The registry's metadata store; writes are serialised through one connection."""
+class SQLiteStore(TrainingQueries):
+    """The registry's MetadataStore on SQLite; writes are serialised through one connection."""
 
     def __init__(self, reader: aiosqlite.Connection, writer: aiosqlite.Connection):
         self._reader = reader
@@ -148,7 +159,7 @@ class Database(TrainingQueries):
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path) -> Database:
+    async def open(cls, path: Path) -> SQLiteStore:
         await asyncio.to_thread(migrate, path)
         writer = await _connect(path)
         await writer.execute("PRAGMA synchronous = FULL")
@@ -163,20 +174,23 @@ class Database(TrainingQueries):
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """BEGIN IMMEDIATE on the writer: also excludes a concurrent `gc` in another process."""
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._writer
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
-                raise
-            await self._writer.execute("COMMIT")
+            with _translated():
+                await self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._writer
+                except BaseException:
+                    await self._writer.execute("ROLLBACK")
+                    raise
+                await self._writer.execute("COMMIT")
 
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
-        rows = await self._reader.execute_fetchall(sql, tuple(params))
+        with _translated():
+            rows = await self._reader.execute_fetchall(sql, tuple(params))
         return rows[0] if rows else None  # type: ignore[index]
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
-        return list(await self._reader.execute_fetchall(sql, tuple(params)))  # type: ignore[arg-type]
+        with _translated():
+            return list(await self._reader.execute_fetchall(sql, tuple(params)))  # type: ignore[arg-type]
 
     # models
 
@@ -224,28 +238,32 @@ class Database(TrainingQueries):
         return await self._one("SELECT * FROM versions WHERE model_seq = ? ORDER BY number DESC LIMIT 1", (model_seq,))
 
     async def insert_version(self, model_seq: int, row: Row, model_fields: Row, artifacts: list[Row],
-                             publish: Publish, then: AlsoWrite | None = None) -> int | None:
-        """Publish the blob, then add the model's next version (and `then`'s rows), atomically; None if the model
-        is gone."""
+                             publish: Publish) -> int | None:
+        """Publish the blob, then add the model's next version, atomically; None if the model is gone."""
         async with self.transaction() as conn:
-            cur = await conn.execute(
-                "UPDATE models SET next_version = next_version + 1 WHERE seq = ? RETURNING next_version - 1 AS number",
-                (model_seq,))
-            found = await cur.fetchone()
-            if found is None:
-                return None
-            number: int = found["number"]  # type: ignore[index]
-            await publish()
-            cur = await conn.execute(*_insert("versions", {"model_seq": model_seq, "number": number, **row}))
-            version_seq = cur.lastrowid
-            if model_fields:
-                await conn.execute(f"UPDATE models SET {_assignments(model_fields)} WHERE seq = ?",
-                                   (*model_fields.values(), model_seq))
-            for artifact in artifacts:
-                await conn.execute(*_insert("artifacts", {"version_seq": version_seq, **artifact}))
-            if then is not None:
-                await then(conn, version_seq)  # type: ignore[arg-type]
-            return number
+            added = await self._add_version(conn, model_seq, row, model_fields, artifacts, publish)
+            return added[0] if added else None
+
+    @staticmethod
+    async def _add_version(conn: aiosqlite.Connection, model_seq: int, row: Row, model_fields: Row,
+                           artifacts: list[Row], publish: Publish) -> tuple[int, int] | None:
+        """Inside a write: the model's next version (number, row seq), or None if the model is gone."""
+        cur = await conn.execute(
+            "UPDATE models SET next_version = next_version + 1 WHERE seq = ? RETURNING next_version - 1 AS number",
+            (model_seq,))
+        found = await cur.fetchone()
+        if found is None:
+            return None
+        number: int = found["number"]  # type: ignore[index]
+        await publish()
+        cur = await conn.execute(*_insert("versions", {"model_seq": model_seq, "number": number, **row}))
+        version_seq = cur.lastrowid
+        if model_fields:
+            await conn.execute(f"UPDATE models SET {_assignments(model_fields)} WHERE seq = ?",
+                               (*model_fields.values(), model_seq))
+        for artifact in artifacts:
+            await conn.execute(*_insert("artifacts", {"version_seq": version_seq, **artifact}))
+        return number, version_seq  # type: ignore[return-value]
 
     async def delete_version(self, version_seq: int) -> bool:
         async with self.transaction() as conn:

@@ -8,10 +8,9 @@ from litestar import Controller, Request, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath, JSONBody, QueryParameter
 
-from .controllers import _decode, _errors
-from .federated import NOT_HOSTED, WEIGHTS_BODY_LIMIT, NotImplementedByLite
-from .registry import KeyInfo, Registry
-from .schemas import (
+from ..federated import NOT_HOSTED, WEIGHTS_BODY_LIMIT, NotImplementedByLite
+from ..registry import KeyInfo, Registry
+from ..schemas import (
     Aggregate,
     Heartbeat,
     OpenRound,
@@ -21,6 +20,7 @@ from .schemas import (
     SubmitWeights,
     TrainingSession,
 )
+from .controllers import _decode, _errors
 
 Json = dict[str, Any]
 Req = Request[Any, Any, Any]

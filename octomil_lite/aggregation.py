@@ -4,15 +4,54 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 from . import storage
 from .convert.sandbox import Limits
 from .errors import BadRequest, Conflict, NotFound
-from .federated import EXTENSIONS, NO_GRAPH, STRATEGIES, Federated, iso_now, status_of, weighted_metrics
 from .schemas import Aggregate
 
+if TYPE_CHECKING:
+    from .federated import Federated
+
 Row = dict[str, Any]
+NO_GRAPH = "an .npz of weights has no model graph to convert"
+STRATEGIES = ("fedavg", "metrics")  # "metrics" is Federation.train's default name; both mean FedAvg here
+EXTENSIONS = {"torch": ".pt", "npz": ".npz"}
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def iso(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def iso_now() -> str:
+    return iso(utc_now())
+
+
+def json_or(text: str | None, default: Any = None) -> Any:
+    return json.loads(text) if text else default
+
+
+def weighted_metrics(rows: list[Row]) -> dict[str, float]:
+    """Each metric's mean over the updates that report it, weighted by their sample counts."""
+    sums: dict[str, list[float]] = {}
+    for row in rows:
+        for name, value in json_or(row["metrics"], {}).items():
+            acc = sums.setdefault(name, [0.0, 0.0])
+            acc[0] += value * row["sample_count"]
+            acc[1] += row["sample_count"]
+    return {name: total / weight for name, (total, weight) in sums.items() if weight > 0}
+
+
+def status_of(r: Row) -> str:
+    if r["status"] == "active" and r["deadline"] and r["deadline"] < iso_now():
+        return "expired"
+    return str(r["status"])
 
 
 def _select(updates: list[Row], round_row: Row | None) -> tuple[list[Row], int | None]:

@@ -12,10 +12,11 @@ import base64
 import binascii
 import json
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .aggregation import aggregate, iso, iso_now, json_or, status_of, utc_now
 from .convert import tensors
 from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
@@ -36,47 +37,17 @@ if TYPE_CHECKING:
 Row = dict[str, Any]
 MAX_UPDATE_BYTES = 64 * 1024 * 1024
 WEIGHTS_BODY_LIMIT = MAX_UPDATE_BYTES * 4 // 3 + 1024 * 1024  # base64 inflates by 4/3; the rest is JSON
-STRATEGIES = ("fedavg", "metrics")  # "metrics" is Federation.train's default name; both mean FedAvg here
 _SIGNATURES_KEPT = 4096
 BASE = "The base version"
 _WEIGHT_KINDS = {"torch-zip": "torch", "numpy-npz": "npz"}
-EXTENSIONS = {"torch": ".pt", "npz": ".npz"}
-NO_GRAPH = "an .npz of weights has no model graph to convert"
 NOT_HOSTED = ("is not implemented by octomil-lite: it needs the hosted Octomil platform (octomil-lite "
               "aggregates plain FedAvg in one process)")
-
-
-def _now() -> datetime:
-    return datetime.now(UTC).replace(microsecond=0)
-
-
-def _iso(when: datetime) -> str:
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def iso_now() -> str:
-    return _iso(_now())
-
-
-def _loads(text: str | None, default: Any = None) -> Any:
-    return json.loads(text) if text else default
-
-
-def weighted_metrics(rows: list[Row]) -> dict[str, float]:
-    """Each metric's mean over the updates that report it, weighted by their sample counts."""
-    sums: dict[str, list[float]] = {}
-    for row in rows:
-        for name, value in _loads(row["metrics"], {}).items():
-            acc = sums.setdefault(name, [0.0, 0.0])
-            acc[0] += value * row["sample_count"]
-            acc[1] += row["sample_count"]
-    return {name: total / weight for name, (total, weight) in sums.items() if weight > 0}
 
 
 def device_view(d: Row) -> dict[str, Any]:
     return {"id": d["id"], "device_identifier": d["identifier"], "status": d["status"], "platform": d["platform"],
             "os_version": d["os_version"], "sdk_version": d["sdk_version"], "app_version": d["app_version"],
-            "metadata": _loads(d["metadata"], {}), "capabilities": _loads(d["capabilities"], {}),
+            "metadata": json_or(d["metadata"], {}), "capabilities": json_or(d["capabilities"], {}),
             "registered_at": d["registered_at"], "last_seen_at": d["last_seen_at"]}
 
 
@@ -84,28 +55,22 @@ def update_view(u: Row) -> dict[str, Any]:
     return {"update_id": u["id"], "round_id": u["round_id"], "device_id": u["device_id"],
             "device_identifier": u["device_identifier"], "base_version": u["base_number"],
             "update_format": u["update_format"], "encoding": u["encoding"], "sample_count": u["sample_count"],
-            "metrics": _loads(u["metrics"], {}), "size_bytes": u["size"], "hash": f"sha256:{u['digest']}",
+            "metrics": json_or(u["metrics"], {}), "size_bytes": u["size"], "hash": f"sha256:{u['digest']}",
             "status": u["status"], "submitted_at": u["submitted_at"]}
 
 
-def status_of(r: Row) -> str:
-    if r["status"] == "active" and r["deadline"] and r["deadline"] < iso_now():
-        return "expired"
-    return str(r["status"])
-
-
 def round_view(r: Row) -> dict[str, Any]:
-    config = _loads(r["config"], {})
+    config = json_or(r["config"], {})
     version = r["base_number"]
     return {"round_id": r["id"], "id": r["id"], "model_id": r["model_id"], "version": version,
             "base_version": version, "status": status_of(r), "source": r["source"],
-            "participants": r["device_count"] or len(_loads(r["participants"], [])),
+            "participants": r["device_count"] or len(json_or(r["participants"], [])),
             "target_participants": config.get("target_participants"),
             "min_updates": config.get("min_updates"), "update_count": r["update_count"],
             "sample_count": r["sample_total"], "deadline": r["deadline"],
             "config": {**config, "model_id": r["model_id"], "version": version},
-            "metrics": _loads(r["metrics"], {}), "result_version": r["result_number"],
-            "participant_details": _loads(r["participants"]), "provenance": _loads(r["provenance"]),
+            "metrics": json_or(r["metrics"], {}), "result_version": r["result_number"],
+            "participant_details": json_or(r["participants"]), "provenance": json_or(r["provenance"]),
             "created_at": r["created_at"], "closed_at": r["closed_at"]}
 
 
@@ -176,13 +141,13 @@ class Federated:
             if getattr(req, name) is not None:
                 config[name] = getattr(req, name)
         config.setdefault("min_updates", 1)
-        now = _now()
-        deadline = _iso(now + timedelta(seconds=req.deadline_seconds)) if req.deadline_seconds else None
+        now = utc_now()
+        deadline = iso(now + timedelta(seconds=req.deadline_seconds)) if req.deadline_seconds else None
         round_id = str(uuid.uuid4())
         await self.db.insert_round({"id": round_id, "model_seq": model["seq"],
                                     "base_version_seq": version["seq"] if version else None,
                                     "source": req.source, "status": "active", "config": json.dumps(config),
-                                    "deadline": deadline, "created_at": _iso(now)})
+                                    "deadline": deadline, "created_at": iso(now)})
         return await self.round_status(round_id)
 
     async def round_row(self, round_id: str) -> Row:
@@ -218,7 +183,7 @@ class Federated:
         row = await self.round_row(round_id)
         _, version = await self.registry.version_rows(row["model_id"], req.version)
         fields = {"status": "completed", "closed_at": iso_now(), "result_version_seq": version["seq"],
-                  "metrics": json.dumps({**_loads(row["metrics"], {}), **(req.metrics or {})}),
+                  "metrics": json.dumps({**json_or(row["metrics"], {}), **(req.metrics or {})}),
                   "participants": json.dumps(req.participants or [])}
         if not await self.db.update_round(row["seq"], fields, only_status="active"):
             raise Conflict(f"Round '{row['id']}' is {row['status']}, not active.")
@@ -226,7 +191,7 @@ class Federated:
 
     async def merge_metrics(self, round_id: str, req: RoundMetrics) -> dict[str, Any]:
         row = await self.round_row(round_id)
-        await self.db.update_round(row["seq"], {"metrics": json.dumps({**_loads(row["metrics"], {}), **req.metrics})})
+        await self.db.update_round(row["seq"], {"metrics": json.dumps({**json_or(row["metrics"], {}), **req.metrics})})
         return await self.round_status(row["id"])
 
     async def start_session(self, req: TrainingSession) -> dict[str, Any]:
@@ -372,8 +337,6 @@ class Federated:
 
     async def aggregate(self, req: Aggregate) -> dict[str, Any]:
         """FedAvg the accepted updates on a base version into the model's next version (see aggregation.py)."""
-        from .aggregation import aggregate
-
         return await aggregate(self, req)
 
 

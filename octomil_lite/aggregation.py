@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import storage
 from .convert.sandbox import Limits
-from .errors import BadRequest, Conflict, NotFound
+from .errors import Conflict, NotFound
 from .schemas import Aggregate
 
 if TYPE_CHECKING:
@@ -17,7 +17,6 @@ if TYPE_CHECKING:
 
 Row = dict[str, Any]
 NO_GRAPH = "an .npz of weights has no model graph to convert"
-STRATEGIES = ("fedavg", "metrics")  # "metrics" is Federation.train's default name; both mean FedAvg here
 EXTENSIONS = {"torch": ".pt", "npz": ".npz"}
 
 
@@ -63,9 +62,6 @@ def _select(updates: list[Row], round_row: Row | None) -> tuple[list[Row], int |
 
 
 async def aggregate(fed: Federated, req: Aggregate) -> dict[str, Any]:
-    if req.strategy.lower() not in STRATEGIES:
-        raise BadRequest(f"Field 'strategy' must be one of {', '.join(STRATEGIES)} (both are FedAvg weighted by "
-                         f"sample_count); got '{req.strategy}'.")
     round_row = await fed.round_row(req.round_id) if req.round_id else None
     if round_row is not None:
         if status_of(round_row) not in ("active", "expired"):

@@ -220,7 +220,7 @@ class Aggregate(msgspec.Struct, kw_only=True):
     round_id: ShortText | None = None
     min_updates: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1
     publish: bool = True
-    strategy: ShortText = "fedavg"
+    strategy: Literal["fedavg", "metrics"] = "fedavg"  # "metrics", Federation.train's default, is FedAvg too
     update_format: ShortText | None = None
 
 

@@ -9,7 +9,7 @@ import secrets
 import time
 from pathlib import Path
 
-SCOPES = ("read", "write", "admin")
+SCOPES = ("read", "device", "write", "admin")  # each allows what those before it do; device = read + submit updates
 KEY_PREFIX = "oml_"
 
 

@@ -11,7 +11,9 @@ from typing import TypeVar
 import click
 
 from . import __version__, maintenance
+from .auth import SCOPES
 from .cli_client import CLIENT_COMMANDS
+from .cli_training import TRAINING_COMMANDS
 from .config import Config, default_data_dir
 from .errors import OctomilError
 
@@ -113,7 +115,9 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--name", required=True, help="A name to recognise and revoke the key by.")
-@click.option("--scope", type=click.Choice(["read", "write", "admin"]), default="write", show_default=True)
+@click.option("--scope", type=click.Choice(SCOPES), default="write", show_default=True,
+              help="read: list and download; device: also register devices and submit training updates; "
+                   "write: also change models; admin: also manage keys")
 @data_dir_option
 def keys_create(name: str, scope: str, data_dir: Path | None) -> None:
     """Create a key and print it (alone, so KEY=$(octomil-lite keys create --name ci) works)."""
@@ -194,7 +198,7 @@ def verify(data_dir: Path | None) -> None:
         raise SystemExit(1)
 
 
-for command in CLIENT_COMMANDS:
+for command in [*CLIENT_COMMANDS, *TRAINING_COMMANDS]:
     main.add_command(command)
 
 if __name__ == "__main__":

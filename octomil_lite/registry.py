@@ -16,10 +16,12 @@ from typing import Any
 import msgspec
 
 from . import auth, formats, storage
+from .aggregation import NO_GRAPH
 from .config import Config
 from .convert.pool import TARGETS, ConversionPool
 from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
+from .federated import Federated
 from .schemas import (
     DOWNLOAD_FORMATS,
     CreateModel,
@@ -111,6 +113,7 @@ class Registry:
         self.pool = ConversionPool(db, blobs, Limits(timeout=config.conversion_timeout,
                                                      memory_bytes=config.conversion_memory_bytes),
                                    config.conversion_workers, utc_now)
+        self.training = Federated(self)
 
     @classmethod
     async def open(cls, config: Config) -> Registry:
@@ -142,7 +145,7 @@ class Registry:
             description=row["description"], created_at=row["created_at"],
         )
 
-    async def _model_row(self, ref: str) -> Row:
+    async def model_row(self, ref: str) -> Row:
         """A model by its id or (Octomil SDK style) its unique name."""
         model_id = _canonical_uuid(ref)
         row = None
@@ -171,7 +174,7 @@ class Registry:
         return self._model({**row, "digest": None, "size": None}), True
 
     async def update_model(self, model_id: str, req: UpdateModel) -> Model:
-        row = await self._model_row(model_id)
+        row = await self.model_row(model_id)
         fields = {f: getattr(req, f) for f in req.__struct_fields__ if getattr(req, f) is not msgspec.UNSET}
         if "is_baseline" in fields:
             fields["is_baseline"] = int(fields["is_baseline"])
@@ -182,7 +185,7 @@ class Registry:
         return self._model({**row, **fields})
 
     async def delete_model(self, model_id: str) -> None:
-        row = await self._model_row(model_id)
+        row = await self.model_row(model_id)
         if not await self.db.delete_model(row["seq"]):
             raise NotFound(f"No model with id '{model_id}'.")
 
@@ -193,7 +196,7 @@ class Registry:
         return ModelList(models=[self._model(r) for r in rows], total=total, limit=limit, offset=offset)
 
     async def get_model(self, model_id: str) -> ModelDetail:
-        row = await self._model_row(model_id)
+        row = await self.model_row(model_id)
         versions = await self.db.list_versions(row["seq"])
         model = self._model(row)
         return ModelDetail(**{f: getattr(model, f) for f in model.__struct_fields__},
@@ -201,16 +204,20 @@ class Registry:
 
     # versions
 
+    async def version_rows(self, model_ref: str, ref: str | int | None) -> tuple[Row, Row]:
+        """(model, version) for a version number, label, or None for the newest."""
+        return await self._version_row(model_ref, "latest" if ref is None else str(ref))
+
     async def require_model(self, model_id: str) -> None:
         """Fail fast (before an upload body is read) when the model does not exist."""
-        await self._model_row(model_id)
+        await self.model_row(model_id)
 
     def stage_upload(self) -> StagedBlob:
         return self.blobs.stage()
 
     async def upload_version(self, model_id: str, files: dict[str, UploadedFile], form: UploadForm) -> UploadedVersion:
         """Turn finished, staged bytes into the model's next version (the caller discards the staged files)."""
-        row = await self._model_row(model_id)
+        row = await self.model_row(model_id)
         upload = files["file"]
         staged = upload.staged
         if staged.size == 0:
@@ -228,6 +235,8 @@ class Registry:
                               "signature": json.dumps(signature), "converter": "original upload", "updated_at": now})
         elif "onnx_data" in files:
             raise BadRequest("An 'onnx_data' part only goes with an ONNX model in 'file'.")
+        elif sniffed.kind == "numpy-npz":
+            artifacts = [{"format": "onnx", "status": "impossible", "reason": NO_GRAPH, "updated_at": now}]
         else:
             artifacts.append({"format": "onnx", "status": "pending", "updated_at": now})
         version = {"label": form.label, "format": fmt, "kind": sniffed.kind, "digest": staged.digest,
@@ -274,7 +283,7 @@ class Registry:
 
     async def _version_row(self, model_id: str, ref: str) -> tuple[Row, Row]:
         """(model, version) for a version number, label or 'latest'."""
-        model = await self._model_row(model_id)
+        model = await self.model_row(model_id)
         if ref == "latest":
             version = await self.db.get_version(model["seq"])
         elif ref.isdigit() and len(ref) < 10:

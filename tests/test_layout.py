@@ -36,9 +36,9 @@ def _wing(module: str) -> str:
         return "root"
     if parts[1] in ("server", "storage", "convert"):
         return parts[1]
-    if parts[1] in ("cli", "cli_client", "client"):
+    if parts[1] in ("cli", "cli_client", "cli_training", "client", "flower"):
         return "face"
-    if parts[1] in ("registry", "maintenance"):
+    if parts[1] in ("registry", "maintenance", "federated", "aggregation"):
         return "domain"
     return "base"
 

@@ -17,6 +17,7 @@ from ..errors import bounded_reason
 from .job import Converted, Impossible, Unavailable, parse_job
 from .onnx_checks import check_onnx, fold_onnx, onnx_signature
 from .routes import converter_for
+from .weights import aggregate_weights, inspect_weights
 
 
 def run_job(payload: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +85,10 @@ def main() -> None:
         result = check_onnx(payload)
     elif task == "fold-onnx":
         result = fold_onnx(payload)
+    elif task == "inspect-weights":
+        result = inspect_weights(payload)
+    elif task == "aggregate-weights":
+        result = aggregate_weights(payload)
     elif task == "convert":
         result = run_job(payload)
     else:

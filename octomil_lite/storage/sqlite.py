@@ -13,6 +13,7 @@ import aiosqlite
 
 from ..errors import DISK_FULL
 from . import Conflict, Publish, Row, StorageFull
+from .training import TRAINING_TABLES, TrainingQueries
 
 MIGRATIONS: list[str] = [
     """
@@ -81,6 +82,7 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX api_keys_active_name ON api_keys(name) WHERE revoked_at IS NULL;
     """,
+    TRAINING_TABLES,  # 2: federated learning (storage/training.py)
 ]
 
 _MODEL_COLUMNS = """
@@ -91,7 +93,8 @@ _LATEST_JOIN = """
     LEFT JOIN versions v ON v.seq = (SELECT seq FROM versions WHERE model_seq = m.seq ORDER BY number DESC LIMIT 1)
 """
 
-_REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
+_REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
+               "UNION SELECT digest FROM training_updates")
 
 
 @contextmanager
@@ -147,7 +150,7 @@ def _assignments(fields: Row) -> str:
     return ", ".join(f"{name} = ?" for name in fields)
 
 
-class SQLiteStore:
+class SQLiteStore(TrainingQueries):
     """The registry's MetadataStore on SQLite; writes are serialised through one connection."""
 
     def __init__(self, reader: aiosqlite.Connection, writer: aiosqlite.Connection):
@@ -238,22 +241,29 @@ class SQLiteStore:
                              publish: Publish) -> int | None:
         """Publish the blob, then add the model's next version, atomically; None if the model is gone."""
         async with self.transaction() as conn:
-            cur = await conn.execute(
-                "UPDATE models SET next_version = next_version + 1 WHERE seq = ? RETURNING next_version - 1 AS number",
-                (model_seq,))
-            found = await cur.fetchone()
-            if found is None:
-                return None
-            number: int = found["number"]  # type: ignore[index]
-            await publish()
-            cur = await conn.execute(*_insert("versions", {"model_seq": model_seq, "number": number, **row}))
-            version_seq = cur.lastrowid
-            if model_fields:
-                await conn.execute(f"UPDATE models SET {_assignments(model_fields)} WHERE seq = ?",
-                                   (*model_fields.values(), model_seq))
-            for artifact in artifacts:
-                await conn.execute(*_insert("artifacts", {"version_seq": version_seq, **artifact}))
-            return number
+            added = await self._add_version(conn, model_seq, row, model_fields, artifacts, publish)
+            return added[0] if added else None
+
+    @staticmethod
+    async def _add_version(conn: aiosqlite.Connection, model_seq: int, row: Row, model_fields: Row,
+                           artifacts: list[Row], publish: Publish) -> tuple[int, int] | None:
+        """Inside a write: the model's next version (number, row seq), or None if the model is gone."""
+        cur = await conn.execute(
+            "UPDATE models SET next_version = next_version + 1 WHERE seq = ? RETURNING next_version - 1 AS number",
+            (model_seq,))
+        found = await cur.fetchone()
+        if found is None:
+            return None
+        number: int = found["number"]  # type: ignore[index]
+        await publish()
+        cur = await conn.execute(*_insert("versions", {"model_seq": model_seq, "number": number, **row}))
+        version_seq = cur.lastrowid
+        if model_fields:
+            await conn.execute(f"UPDATE models SET {_assignments(model_fields)} WHERE seq = ?",
+                               (*model_fields.values(), model_seq))
+        for artifact in artifacts:
+            await conn.execute(*_insert("artifacts", {"version_seq": version_seq, **artifact}))
+        return number, version_seq  # type: ignore[return-value]
 
     async def delete_version(self, version_seq: int) -> bool:
         async with self.transaction() as conn:
@@ -328,7 +338,9 @@ class SQLiteStore:
             "JOIN models m ON m.seq = v.model_seq UNION ALL "
             "SELECT m.id, v.number, a.format, a.digest, a.size FROM artifacts a "
             "JOIN versions v ON v.seq = a.version_seq "
-            "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL")
+            "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL UNION ALL "
+            "SELECT m.id, v.number, 'training update ' || u.id, u.digest, u.size FROM training_updates u "
+            "JOIN versions v ON v.seq = u.base_version_seq JOIN models m ON m.seq = u.model_seq")
 
     async def integrity_check(self) -> str:
         row = await self._one("PRAGMA integrity_check")

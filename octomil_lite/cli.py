@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -50,6 +50,23 @@ data_dir_option = click.option(
     help="Data directory [default: $OCTOMIL_LITE_HOME, else $XDG_DATA_HOME/octomil-lite "
          "or ~/.local/share/octomil-lite]")
 
+database_option = click.option(
+    "--database", envvar="OCTOMIL_LITE_DATABASE", default=None, metavar="URL",
+    help="sqlite:///PATH or postgresql://USER:PASS@HOST:PORT/DB [env OCTOMIL_LITE_DATABASE; default: the data "
+         "directory's registry.sqlite3].")
+blobs_option = click.option(
+    "--blobs", envvar="OCTOMIL_LITE_BLOBS", default=None, metavar="DIR|URL",
+    help="A directory or s3://BUCKET/PREFIX (endpoint and credentials from the AWS variables and profiles) "
+         "[env OCTOMIL_LITE_BLOBS; default: the data directory's blobs/].")
+
+
+def storage_options(command: Callable[..., None]) -> Callable[..., None]:
+    return data_dir_option(database_option(blobs_option(command)))
+
+
+def _config(data_dir: Path | None, database: str | None, blobs: str | None, **settings: Any) -> Config:
+    return Config(data_dir=data_dir or default_data_dir(), database=database, blobs=blobs, **settings)
+
 
 @click.group()
 @click.version_option(__version__, prog_name="octomil-lite")
@@ -60,7 +77,7 @@ def main() -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
-@data_dir_option
+@storage_options
 @click.option("--max-upload-size", default="20G", show_default=True,
               help="Largest model file accepted (bytes, or 512M, 20G).")
 @click.option("--rate-limit", default=6000, show_default=True, type=click.IntRange(0),
@@ -68,24 +85,27 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
-def serve(host: str, port: int, data_dir: Path | None, max_upload_size: str, rate_limit: int,
-          log_level: str, access_log: bool) -> None:
-    """Run the registry server."""
+@click.option("--conversion-lease", default=60.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds a conversion stays claimed without a renewal; then any server takes it over.")
+def serve(host: str, port: int, data_dir: Path | None, database: str | None, blobs: str | None,
+          max_upload_size: str, rate_limit: int, log_level: str, access_log: bool, conversion_lease: float) -> None:
+    """Run the registry server (several may share one PostgreSQL database and bucket)."""
     from .app import create_app
     from .httpserver import run
 
-    config = Config(data_dir=data_dir or default_data_dir(), host=host, port=port,
-                    max_upload_size=_size(max_upload_size), rate_limit=rate_limit)
+    config = _config(data_dir, database, blobs, host=host, port=port, max_upload_size=_size(max_upload_size),
+                     rate_limit=rate_limit, conversion_lease=conversion_lease)
 
     try:
         key = _with_registry(config, lambda r: r.first_admin_key())
     except (OSError, RuntimeError) as exc:
-        raise click.ClickException(f"cannot open the data directory {config.data_dir}: {exc}") from None
+        raise click.ClickException(f"cannot open the registry's storage ({config.data_dir}): {exc}") from None
     if key:
         shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
         click.echo(f"Created the first API key (admin scope); it is shown only this once:\n\n  {key}\n\n"
                    f"Try it:\n  curl -H 'Authorization: Bearer {key}' http://{shown}:{port}/api/v1/models\n")
-    click.echo(f"octomil-lite {__version__}: data in {config.data_dir}, listening on http://{host}:{port}", err=True)
+    where = ", ".join(filter(None, [str(config.data_dir), database and database.split("@")[-1], blobs]))
+    click.echo(f"octomil-lite {__version__}: data in {where}, listening on http://{host}:{port}", err=True)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(create_app(config), host=host, port=port, log_level=log_level, access_log=access_log)
 
@@ -98,18 +118,18 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--name", required=True, help="A name to recognise and revoke the key by.")
 @click.option("--scope", type=click.Choice(["read", "write", "admin"]), default="write", show_default=True)
-@data_dir_option
-def keys_create(name: str, scope: str, data_dir: Path | None) -> None:
+@storage_options
+def keys_create(name: str, scope: str, data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """Create a key and print it (alone, so KEY=$(octomil-lite keys create --name ci) works)."""
-    config = Config(data_dir=data_dir or default_data_dir())
+    config = _config(data_dir, database, blobs)
     click.echo(_with_registry(config, lambda r: r.create_key(name, scope)))
 
 
 @keys.command("list")
-@data_dir_option
-def keys_list(data_dir: Path | None) -> None:
+@storage_options
+def keys_list(data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """List keys (never the keys themselves)."""
-    config = Config(data_dir=data_dir or default_data_dir())
+    config = _config(data_dir, database, blobs)
     rows = _with_registry(config, lambda r: r.list_keys())
     click.echo(f"{'NAME':<24} {'PREFIX':<10} {'SCOPE':<6} {'CREATED':<21} REVOKED")
     for row in rows:
@@ -119,10 +139,10 @@ def keys_list(data_dir: Path | None) -> None:
 
 @keys.command("revoke")
 @click.argument("name")
-@data_dir_option
-def keys_revoke(name: str, data_dir: Path | None) -> None:
+@storage_options
+def keys_revoke(name: str, data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """Revoke the active key called NAME."""
-    config = Config(data_dir=data_dir or default_data_dir())
+    config = _config(data_dir, database, blobs)
     _with_registry(config, lambda r: r.revoke_key(name))
     click.echo(f"revoked {name}", err=True)
 
@@ -135,10 +155,10 @@ def _bytes(n: int) -> str:
 @click.option("--grace", default=3600.0, show_default=True, type=click.FloatRange(0),
               help="Only delete what has been untouched for this many seconds (protects uploads in flight).")
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
-@data_dir_option
-def gc(grace: float, dry_run: bool, data_dir: Path | None) -> None:
+@storage_options
+def gc(grace: float, dry_run: bool, data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """Delete blobs that no version references, and leftover temp files."""
-    config = Config(data_dir=data_dir or default_data_dir())
+    config = _config(data_dir, database, blobs)
     done = _with_registry(config, lambda r: r.gc(grace, dry_run))
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {done['blobs']} unreferenced blob(s), {_bytes(done['blob_bytes'])}; "
@@ -146,10 +166,10 @@ def gc(grace: float, dry_run: bool, data_dir: Path | None) -> None:
 
 
 @main.command()
-@data_dir_option
-def verify(data_dir: Path | None) -> None:
+@storage_options
+def verify(data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """Re-hash every blob and check every row against the store; exit 1 on any problem."""
-    config = Config(data_dir=data_dir or default_data_dir())
+    config = _config(data_dir, database, blobs)
     problems, counts = _with_registry(config, lambda r: r.verify())
     for problem in problems:
         click.echo(f"PROBLEM: {problem}")

@@ -222,8 +222,8 @@ class ModelController(Controller):
 async def _serve(registry: Registry, request: Request[Any, Any, Any], model_id: str, version: str,
                  fmt: str | None) -> BlobResponse:
     artifact = await registry.find_artifact(model_id, version, fmt)
-    fd = registry.open_artifact(artifact)
-    return blob_response(fd, artifact.size, artifact.digest, artifact.filename, request.method, request.headers)
+    source = await registry.open_artifact(artifact)
+    return blob_response(source, artifact.size, artifact.digest, artifact.filename, request.method, request.headers)
 
 
 @route("/signed/models/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],

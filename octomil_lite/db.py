@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import secrets
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -78,6 +81,20 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX api_keys_active_name ON api_keys(name) WHERE revoked_at IS NULL;
     """,
+    """
+    ALTER TABLE artifacts ADD COLUMN lease_owner TEXT;
+    ALTER TABLE artifacts ADD COLUMN lease_expires REAL;
+    CREATE TABLE objects (
+        digest TEXT PRIMARY KEY,
+        key TEXT NOT NULL UNIQUE,
+        size INTEGER NOT NULL,
+        touched_at REAL NOT NULL
+    );
+    CREATE TABLE pending_objects (
+        key TEXT PRIMARY KEY,
+        created_at REAL NOT NULL
+    );
+    """,
 ]
 
 _MODEL_COLUMNS = """
@@ -88,10 +105,13 @@ _LATEST_JOIN = """
     LEFT JOIN versions v ON v.seq = (SELECT seq FROM versions WHERE model_seq = m.seq ORDER BY number DESC LIMIT 1)
 """
 
-_REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
+REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
 
 Row = dict[str, Any]
-Publish = Callable[[], Awaitable[None]]
+# (digest, object key, size) -> the key that digest maps to once this transaction commits
+Recorder = Callable[[str, str, int], Awaitable[str]]
+# Makes a blob durable and (for an object store) records it, inside the transaction that adds its row.
+Publish = Callable[[Recorder], Awaitable[None]]
 
 
 def _dict_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
@@ -134,10 +154,30 @@ def _assignments(fields: Row) -> str:
     return ", ".join(f"{name} = ?" for name in fields)
 
 
+def _recorder(conn: aiosqlite.Connection) -> Recorder:
+    async def record(digest: str, key: str, size: int) -> str:
+        """Map digest -> key in this transaction; the key already mapped wins (publish once)."""
+        from .errors import OctomilError
+
+        cur = await conn.execute("DELETE FROM pending_objects WHERE key = ? RETURNING key", (key,))
+        if await cur.fetchone() is None:
+            raise OctomilError("The upload took longer than the gc grace period and was reclaimed; upload again.")
+        cur = await conn.execute(
+            "INSERT INTO objects (digest, key, size, touched_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (digest) DO UPDATE SET touched_at = excluded.touched_at RETURNING key",
+            (digest, key, size, time.time()))
+        return str((await cur.fetchone())["key"])  # type: ignore[index]
+
+    return record
+
+
 class Database:
     """The registry's metadata store; writes are serialised through one connection."""
 
-    def __init__(self, reader: aiosqlite.Connection, writer: aiosqlite.Connection):
+    IntegrityError: type[Exception] = sqlite3.IntegrityError
+
+    def __init__(self, path: Path, reader: aiosqlite.Connection, writer: aiosqlite.Connection):
+        self.path = path
         self._reader = reader
         self._writer = writer
         self._write_lock = asyncio.Lock()
@@ -148,7 +188,7 @@ class Database:
         writer = await _connect(path)
         await writer.execute("PRAGMA synchronous = FULL")
         reader = await _connect(path)
-        return cls(reader, writer)
+        return cls(path, reader, writer)
 
     async def close(self) -> None:
         await self._reader.close()
@@ -229,7 +269,7 @@ class Database:
             if found is None:
                 return None
             number: int = found["number"]  # type: ignore[index]
-            await publish()
+            await publish(_recorder(conn))
             cur = await conn.execute(*_insert("versions", {"model_seq": model_seq, "number": number, **row}))
             version_seq = cur.lastrowid
             if model_fields:
@@ -260,12 +300,15 @@ class Database:
                                      (version_seq, fmt))
             return await cur.fetchone()  # type: ignore[return-value]
 
-    async def claim_job(self, when: str) -> Row | None:
-        """Mark the oldest pending artifact running and return it with what the converter needs."""
+    async def claim_job(self, when: str, owner: str, lease: float) -> Row | None:
+        """Take the oldest pending job, or a running one whose lease ran out, for `lease` seconds."""
         async with self.transaction() as conn:
+            now = time.time()
             cur = await conn.execute(
-                "UPDATE artifacts SET status = 'running', updated_at = ? WHERE seq = "
-                "(SELECT seq FROM artifacts WHERE status = 'pending' ORDER BY seq LIMIT 1) RETURNING seq", (when,))
+                "UPDATE artifacts SET status = 'running', updated_at = ?, lease_owner = ?, lease_expires = ? "
+                "WHERE seq = (SELECT seq FROM artifacts WHERE status = 'pending' OR (status = 'running' AND "
+                "(lease_expires IS NULL OR lease_expires < ?)) ORDER BY seq LIMIT 1) RETURNING seq",
+                (when, owner, now + lease, now))
             claimed = await cur.fetchone()
             if claimed is None:
                 return None
@@ -274,33 +317,78 @@ class Database:
                 "FROM artifacts a JOIN versions v ON v.seq = a.version_seq WHERE a.seq = ?", (claimed["seq"],))  # type: ignore[index]
             return await cur.fetchone()  # type: ignore[return-value]
 
-    async def finish_job(self, artifact_seq: int, fields: Row, publish: Publish | None = None) -> bool:
-        """Record a job's outcome (publishing its blob first, atomically); False if the version is gone."""
+    async def renew_lease(self, artifact_seq: int, owner: str, lease: float) -> bool:
+        """Extend a running job's lease; False if another process has taken the job over."""
         async with self.transaction() as conn:
-            cur = await conn.execute("SELECT seq FROM artifacts WHERE seq = ?", (artifact_seq,))
+            cur = await conn.execute("UPDATE artifacts SET lease_expires = ? WHERE seq = ? AND lease_owner = ? "
+                                     "AND status = 'running'", (time.time() + lease, artifact_seq, owner))
+            return cur.rowcount > 0
+
+    async def finish_job(self, artifact_seq: int, owner: str, fields: Row, publish: Publish | None = None) -> bool:
+        """Record a job's outcome if this process still holds its lease (publishing its blob first, atomically)."""
+        async with self.transaction() as conn:
+            cur = await conn.execute("SELECT seq FROM artifacts WHERE seq = ? AND lease_owner = ? "
+                                     "AND status = 'running'", (artifact_seq, owner))
             if await cur.fetchone() is None:
                 return False
             if publish is not None:
-                await publish()
-            await conn.execute(f"UPDATE artifacts SET {_assignments(fields)} WHERE seq = ?",
-                               (*fields.values(), artifact_seq))
+                await publish(_recorder(conn))
+            await conn.execute(f"UPDATE artifacts SET {_assignments(fields)}, lease_owner = NULL, "
+                               "lease_expires = NULL WHERE seq = ?", (*fields.values(), artifact_seq))
             return True
 
-    async def requeue_running(self) -> int:
-        """After a restart, jobs left running by a dead process go back to pending."""
+    # blob objects (an S3 store's digest -> object key map)
+
+    async def add_pending_object(self, key: str) -> None:
         async with self.transaction() as conn:
-            return (await conn.execute("UPDATE artifacts SET status = 'pending' WHERE status = 'running'")).rowcount
+            await conn.execute("INSERT INTO pending_objects (key, created_at) VALUES (?, ?)", (key, time.time()))
+
+    async def drop_pending_object(self, key: str) -> None:
+        async with self.transaction() as conn:
+            await conn.execute("DELETE FROM pending_objects WHERE key = ?", (key,))
+
+    async def object_key(self, digest: str) -> Row | None:
+        return await self._one("SELECT key, size FROM objects WHERE digest = ?", (digest,))
+
+    async def object_rows(self) -> list[Row]:
+        return await self._all("SELECT digest, key, size FROM objects ORDER BY digest")
+
+    async def pending_keys(self) -> set[str]:
+        return {r["key"] for r in await self._all("SELECT key FROM pending_objects")}
+
+    async def reap_objects(self, cutoff_age: float) -> list[str]:
+        """Forget unreferenced objects and in-flight uploads untouched for `cutoff_age` s; return their keys."""
+        async with self.transaction() as conn:
+            cutoff = time.time() - cutoff_age
+            cur = await conn.execute(f"DELETE FROM objects WHERE touched_at < ? AND digest NOT IN ({REFERENCED}) "
+                                     "RETURNING key", (cutoff,))
+            gone = [r["key"] for r in await cur.fetchall()]  # type: ignore[index]
+            cur = await conn.execute("DELETE FROM pending_objects WHERE created_at < ? RETURNING key", (cutoff,))
+            return gone + [r["key"] for r in await cur.fetchall()]  # type: ignore[index]
+
+    async def link_secret(self) -> bytes:
+        """The signing key for download links, a file beside the database readable only by its owner."""
+        path = self.path.parent / "secret.key"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+            f.flush()
+            os.fsync(f.fileno())
+        return path.read_bytes()
 
     # storage accounting (gc, verify)
 
     async def referenced_digests(self) -> set[str]:
-        rows = await self._all(_REFERENCED)
+        rows = await self._all(REFERENCED)
         return {r["digest"] for r in rows}
 
     async def delete_unreferenced(self, candidates: set[str], delete: Callable[[str], int]) -> tuple[int, int]:
         """Under the write lock (so no upload can publish and record meanwhile), delete candidates still unused."""
         async with self.transaction() as conn:
-            cur = await conn.execute(_REFERENCED)
+            cur = await conn.execute(REFERENCED)
             referenced = {r["digest"] for r in await cur.fetchall()}  # type: ignore[index]
             doomed = candidates - referenced
             return len(doomed), sum(delete(digest) for digest in doomed)

@@ -6,25 +6,20 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import re
-import secrets
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from . import auth, formats
-from .blobstore import BlobStore, StagedBlob
 from .config import Config
 from .conversions import TARGETS, ConversionPool
-from .db import Database, Row
-from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
+from .db import Recorder, Row
+from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .schemas import (
     DOWNLOAD_FORMATS,
@@ -39,6 +34,7 @@ from .schemas import (
     VersionDetail,
     VersionSummary,
 )
+from .storage.backends import open_blobs, open_database
 from .uploads import UploadedFile
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -66,19 +62,6 @@ class Artifact:
 class KeyInfo:
     name: str
     scope: str
-
-
-def _secret(path: Path) -> bytes:
-    """The registry's signing key for download links, made on first use and readable only by its owner."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(32))
-        f.flush()
-        os.fsync(f.fileno())
-    return path.read_bytes()
 
 
 def _download_format(fmt: str | None) -> str:
@@ -113,21 +96,26 @@ def _format_status(a: Row) -> FormatStatus:
 class Registry:
     """Models, versions, blobs, conversions and keys of one data directory."""
 
-    def __init__(self, config: Config, db: Database, blobs: BlobStore, secret: bytes):
+    def __init__(self, config: Config, db: Any, blobs: Any, secret: bytes):
         self.config = config
         self.db = db
         self.blobs = blobs
         self._secret = secret
         self.pool = ConversionPool(db, blobs, Limits(timeout=config.conversion_timeout,
                                                      memory_bytes=config.conversion_memory_bytes),
-                                   config.conversion_workers, utc_now)
+                                   config.conversion_workers, utc_now, config.conversion_lease)
 
     @classmethod
     async def open(cls, config: Config) -> Registry:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        blobs = BlobStore(config.data_dir)
-        db = await Database.open(config.data_dir / "registry.sqlite3")
-        return cls(config, db, blobs, _secret(config.data_dir / "secret.key"))
+        db = await open_database(config)
+        try:
+            blobs = open_blobs(config, db)
+            secret = await db.link_secret()
+        except BaseException:
+            await db.close()
+            raise
+        return cls(config, db, blobs, secret)
 
     async def start(self) -> None:
         """Serving: sweep leftovers of a previous run and start converting."""
@@ -175,7 +163,7 @@ class Registry:
         row.update(id=str(uuid.uuid4()), is_baseline=int(bool(req.is_baseline)), created_at=utc_now())
         try:
             await self.db.insert_model(row)
-        except sqlite3.IntegrityError:
+        except self.db.IntegrityError:
             raise Conflict(f"A model named '{req.name}' was created at the same moment; retry.") from None
         return self._model({**row, "digest": None, "size": None}), True
 
@@ -186,7 +174,7 @@ class Registry:
             fields["is_baseline"] = int(fields["is_baseline"])
         try:
             await self.db.update_model(row["seq"], fields)
-        except sqlite3.IntegrityError:
+        except self.db.IntegrityError:
             raise Conflict(f"A model named '{fields.get('name')}' already exists; names are unique.") from None
         return self._model({**row, **fields})
 
@@ -214,7 +202,7 @@ class Registry:
         """Fail fast (before an upload body is read) when the model does not exist."""
         await self._model_row(model_id)
 
-    def stage_upload(self) -> StagedBlob:
+    def stage_upload(self) -> Any:
         return self.blobs.stage()
 
     async def upload_version(self, model_id: str, files: dict[str, UploadedFile], form: UploadForm) -> UploadedVersion:
@@ -224,7 +212,8 @@ class Registry:
         staged = upload.staged
         if staged.size == 0:
             raise BadRequest("The uploaded file is empty.")
-        sniffed = await asyncio.to_thread(formats.sniff, staged.head, staged.path, staged.size, upload.filename)
+        sniffed = await asyncio.to_thread(formats.sniff, staged.head, staged.open_reader, staged.size,
+                                          upload.filename)
         fmt = formats.resolve_format(form.format, sniffed)
         assert sniffed.kind is not None
         if form.label is not None and await self.db.get_version(row["seq"], label=form.label):
@@ -245,12 +234,12 @@ class Registry:
                    "input_shape": json.dumps(form.input_shape) if form.input_shape else None}
         figures = {k: getattr(form, k) for k in ("round_id", "accuracy", "loss") if getattr(form, k) is not None}
 
-        async def publish() -> None:
-            await self.blobs.commit(staged)
+        async def publish(record: Recorder) -> None:
+            await self.blobs.commit(staged, record)
 
         try:
             number = await self.db.insert_version(row["seq"], version, figures, artifacts, publish)
-        except sqlite3.IntegrityError:
+        except self.db.IntegrityError:
             raise Conflict(f"Model '{row['id']}' already has a version labelled '{form.label}'.") from None
         finally:
             await staged.discard()
@@ -262,14 +251,16 @@ class Registry:
                                model_hash=f"sha256:{staged.digest}", description=form.description, uploaded_at=now,
                                formats={a["format"]: a["status"] for a in artifacts})
 
-    async def _checked_onnx(self, staged: StagedBlob, data: UploadedFile | None) -> tuple[StagedBlob, Any]:
+    async def _checked_onnx(self, staged: Any, data: UploadedFile | None) -> tuple[Any, Any]:
         """Validate an ONNX upload in a child; with external weights, fold them into one self-contained file."""
-        if data is None:
-            result = await self._sandboxed("check-onnx", {"path": str(staged.path)})
-            return staged, result.get("signature")
-        folded = self.blobs.tmp / f"{staged.path.name}.folded.onnx"
-        result = await self._sandboxed("fold-onnx", {"path": str(staged.path), "data": str(data.staged.path),
-                                                     "data_name": data.filename, "out": str(folded)})
+        async with staged.local_path() as path:
+            if data is None:
+                result = await self._sandboxed("check-onnx", {"path": str(path)})
+                return staged, result.get("signature")
+            folded = self.blobs.tmp / f"{path.name}.folded.onnx"
+            async with data.staged.local_path() as data_path:
+                result = await self._sandboxed("fold-onnx", {"path": str(path), "data": str(data_path),
+                                                             "data_name": data.filename, "out": str(folded)})
         return await self.blobs.stage_file(folded), result.get("signature")
 
     async def _sandboxed(self, task: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -361,56 +352,23 @@ class Registry:
         if int(expires) < time.time():
             raise Forbidden("This download link has expired; ask for a new one with download-url.")
 
-    def open_artifact(self, artifact: Artifact) -> int:
-        """A read-only descriptor on the artifact's blob."""
-        try:
-            return self.blobs.open(artifact.digest)
-        except OSError as exc:
-            raise OctomilError(f"The stored bytes of {artifact.filename} are missing or unreadable ({exc.strerror}); "
-                               "run 'octomil-lite verify'.") from None
+    async def open_artifact(self, artifact: Artifact) -> Any:
+        """Where to read the artifact's bytes from (a local file or a bucket object)."""
+        return await self.blobs.open_source(artifact.digest)
 
     # maintenance
 
     async def gc(self, grace: float, dry_run: bool) -> dict[str, int]:
-        """Delete blobs no row references and temp files, both untouched for `grace` seconds."""
-        referenced = await self.db.referenced_digests()
-        cutoff = time.time() - grace
-        candidates = set()
-        for digest in self.blobs.digests():
-            if digest not in referenced and self.blobs.path(digest).lstat().st_mtime < cutoff:
-                candidates.add(digest)
-        if dry_run:
-            sizes = sum(self.blobs.path(d).lstat().st_size for d in candidates)
-            temps = self.blobs.sweep_tmp(older_than=grace, dry_run=True)
-            return {"blobs": len(candidates), "blob_bytes": sizes, "temp_files": temps[0], "temp_bytes": temps[1]}
-        count, freed = await self.db.delete_unreferenced(candidates, self.blobs.delete)
-        temps = self.blobs.sweep_tmp(older_than=grace)
-        return {"blobs": count, "blob_bytes": freed, "temp_files": temps[0], "temp_bytes": temps[1]}
+        """Delete what no row references (and leftovers of uploads), all untouched for `grace` seconds."""
+        return await self.blobs.gc(self.db, grace, dry_run)  # type: ignore[no-any-return]
 
     async def verify(self) -> tuple[list[str], dict[str, int]]:
         """Re-hash every blob and check every row against the store; return (problems, counts)."""
-        problems: list[str] = []
-        stored = set(self.blobs.digests())
-        checked = checked_bytes = 0
-        for digest in sorted(stored):
-            actual, size = await asyncio.to_thread(self.blobs.rehash, digest)
-            checked, checked_bytes = checked + 1, checked_bytes + size
-            if actual != digest:
-                problems.append(f"blob {digest} is corrupt: its bytes hash to {actual}")
-        rows = await self.db.stored_references()
-        for row in rows:
-            where = f"model {row['model_id']} version {row['number']} ({row['format']})"
-            if row["digest"] not in stored:
-                problems.append(f"{where} points at missing blob {row['digest']}")
-            elif self.blobs.path(row["digest"]).lstat().st_size != row["size"]:
-                problems.append(f"{where} records {row['size']} bytes but blob {row['digest']} has a different size")
+        problems, counts = await self.blobs.verify(self.db)
         integrity = await self.db.integrity_check()
         if integrity != "ok":
-            problems.append(f"SQLite integrity check: {integrity}")
-        referenced = {r["digest"] for r in rows}
-        temps = self.blobs.sweep_tmp(older_than=0, dry_run=True)
-        return problems, {"blobs": checked, "bytes": checked_bytes, "rows": len(rows),
-                          "orphan_blobs": len(stored - referenced), "temp_files": temps[0]}
+            problems.append(f"database integrity check: {integrity}")
+        return problems, counts
 
     # api keys
 
@@ -423,7 +381,7 @@ class Registry:
         try:
             await self.db.insert_key({"name": name, "key_hash": auth.hash_key(key), "prefix": key[:8],
                                       "scope": scope, "created_at": utc_now()})
-        except sqlite3.IntegrityError:
+        except self.db.IntegrityError:
             raise Conflict(f"An active key named '{name}' already exists; revoke it or pick another name.") from None
         return key
 

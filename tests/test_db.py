@@ -40,8 +40,8 @@ async def test_version_numbers_never_reuse_after_the_model_row_counter(tmp_path:
     row = {"format": "onnx", "kind": "onnx", "digest": "0" * 64, "size": 1, "description": None, "uploaded_at": "t"}
     published = []
 
-    async def publish() -> None:
-        published.append(1)
+    async def publish(record: object) -> None:
+        published.append(record)
 
     assert [await db.insert_version(model["seq"], row, {}, [], publish) for _ in range(3)] == [1, 2, 3]
     assert await db.insert_version(999, row, {}, [], publish) is None

@@ -1,0 +1,448 @@
+"""Blobs in an S3-compatible bucket (the `scale` extra): each upload its own object, digest -> key in the database.
+
+Bytes stream into a multipart upload with the sha256 computed on the way; nothing is copied afterwards. An object
+is registered as pending before its first byte, and leaves that state only in the transaction that maps its
+digest to it, so gc (which reads the listing first and the tables second) never takes an object a commit needs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import configparser
+import contextlib
+import datetime
+import hashlib
+import hmac
+import io
+import os
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import quote, urlsplit
+
+from ..errors import OctomilError
+
+MiB = 1024 * 1024
+PART_BYTES = 16 * MiB
+HEAD_BYTES = 64 * 1024
+_S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    """Endpoint, region and credentials from the standard AWS variables, else from the profile files."""
+
+    region: str
+    endpoint: str | None
+    access_key: str | None
+    secret_key: str | None
+    token: str | None
+
+    @classmethod
+    def from_environment(cls) -> AwsSettings:
+        env = os.environ
+        profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE") or "default"
+        creds = configparser.ConfigParser()
+        creds.read(Path(env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials").expanduser())
+        conf = configparser.ConfigParser()
+        conf.read(Path(env.get("AWS_CONFIG_FILE") or "~/.aws/config").expanduser())
+        section = profile if profile == "default" else f"profile {profile}"
+
+        def pick(var: str, key: str) -> str | None:
+            if env.get(var):
+                return env[var]
+            for parser, name in ((creds, profile), (conf, section)):
+                if parser.has_option(name, key):
+                    return parser.get(name, key)
+            return None
+
+        return cls(region=pick("AWS_REGION", "region") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+                   endpoint=pick("AWS_ENDPOINT_URL_S3", "endpoint_url") or pick("AWS_ENDPOINT_URL", "endpoint_url"),
+                   access_key=pick("AWS_ACCESS_KEY_ID", "aws_access_key_id"),
+                   secret_key=pick("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+                   token=pick("AWS_SESSION_TOKEN", "aws_session_token"))
+
+
+def _signing_key(secret: str, day: str, region: str) -> bytes:
+    key = f"AWS4{secret}".encode()
+    for part in (day, region, "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+class _BucketApi:
+    """The two calls obstore lacks (list and abort multipart uploads), signed with SigV4 over httpx."""
+
+    def __init__(self, settings: AwsSettings, bucket: str):
+        self.settings = settings
+        self.bucket = bucket
+        self.base = (settings.endpoint or f"https://s3.{settings.region}.amazonaws.com").rstrip("/")
+
+    async def _request(self, method: str, key: str, query: dict[str, str]) -> bytes:
+        import httpx
+
+        now = datetime.datetime.now(datetime.UTC)
+        stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
+        path = f"/{self.bucket}/{quote(key, safe='/~')}" if key else f"/{self.bucket}"
+        canonical_query = "&".join(f"{quote(k, safe='~')}={quote(v, safe='~')}" for k, v in sorted(query.items()))
+        host = urlsplit(self.base).netloc
+        headers = {"host": host, "x-amz-content-sha256": hashlib.sha256(b"").hexdigest(), "x-amz-date": stamp}
+        if self.settings.token:
+            headers["x-amz-security-token"] = self.settings.token
+        signed = ";".join(sorted(headers))
+        canonical = "\n".join([method, path, canonical_query, *(f"{k}:{headers[k]}" for k in sorted(headers)), "",
+                               signed, headers["x-amz-content-sha256"]])
+        scope = f"{day}/{self.settings.region}/s3/aws4_request"
+        to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+        signature = hmac.new(_signing_key(self.settings.secret_key or "", day, self.settings.region),
+                             to_sign.encode(), hashlib.sha256).hexdigest()
+        headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.settings.access_key}/{scope}, "
+                                    f"SignedHeaders={signed}, Signature={signature}")
+        async with httpx.AsyncClient(timeout=60) as client:
+            resp = await client.request(method, f"{self.base}{path}", params=query or None, headers=headers)
+        if resp.status_code >= 300 and not (method == "DELETE" and resp.status_code == 404):
+            raise OctomilError(f"The object store refused {method} {path}: {resp.status_code} {resp.text[:200]}")
+        return resp.content
+
+    async def multipart_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
+        """(key, upload id, initiated epoch seconds) of every unfinished multipart upload under `prefix`."""
+        found: list[tuple[str, str, float]] = []
+        marker: dict[str, str] = {}
+        while True:
+            root = ET.fromstring(await self._request("GET", "", {"uploads": "", "prefix": prefix, **marker}))
+            for upload in root.iter(f"{_S3_NS}Upload"):
+                initiated = datetime.datetime.fromisoformat(upload.findtext(f"{_S3_NS}Initiated", "").rstrip("Z"))
+                found.append((upload.findtext(f"{_S3_NS}Key", ""), upload.findtext(f"{_S3_NS}UploadId", ""),
+                              initiated.replace(tzinfo=datetime.UTC).timestamp()))
+            if root.findtext(f"{_S3_NS}IsTruncated") != "true":
+                return found
+            marker = {"key-marker": root.findtext(f"{_S3_NS}NextKeyMarker", ""),
+                      "upload-id-marker": root.findtext(f"{_S3_NS}NextUploadIdMarker", "")}
+
+    async def abort(self, key: str, upload_id: str) -> None:
+        await self._request("DELETE", key, {"uploadId": upload_id})
+
+
+def _s3_error(exc: Exception, doing: str = "write to") -> OctomilError:
+    return OctomilError(f"The registry could not {doing} its object store ({str(exc).splitlines()[0][:300]}).")
+
+
+class _ObjectReader(io.RawIOBase):
+    """obstore's ranged reader as a standard binary file (zipfile wants bytes, not obstore's Bytes)."""
+
+    def __init__(self, reader: Any):
+        self._reader = reader
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = memoryview(self._reader.read(len(buffer)))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return int(self._reader.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._reader.tell())
+
+    def close(self) -> None:
+        self._reader.close()
+        super().close()
+
+
+class S3StagedBlob:
+    """An upload on its way into the bucket: a multipart upload to its own key, hashed as it streams."""
+
+    def __init__(self, blobs: S3BlobStore):
+        self._blobs = blobs
+        self.key = blobs.new_key()
+        self.size = 0
+        self.digest = ""
+        self.head = b""
+        self.kept = False
+        self._sha = hashlib.sha256()
+        self._writer: Any = None
+        self._started = False
+
+    async def _start(self) -> None:
+        import obstore
+
+        await self._blobs.db.add_pending_object(self.key)
+        self._started = True
+        self._writer = obstore.open_writer_async(self._blobs.store, self._blobs.object_path(self.key),
+                                                 buffer_size=PART_BYTES, max_concurrency=4)
+
+    async def write(self, data: bytes) -> None:
+        if not self._started:
+            await self._start()
+        if len(self.head) < HEAD_BYTES:
+            self.head += data[: HEAD_BYTES - len(self.head)]
+        self.size += len(data)
+        # Hashing (GIL released) overlaps the part uploads already in flight.
+        await asyncio.to_thread(self._sha.update, data) if len(data) >= MiB else self._sha.update(data)
+        try:
+            await self._writer.write(data)
+        except Exception as exc:  # obstore raises its own hierarchy and OSError subclasses
+            raise _s3_error(exc) from exc
+
+    async def finish(self) -> str:
+        """Complete the multipart upload (the object is durable from here on); return the hex digest."""
+        if not self._started:
+            await self._start()
+        try:
+            await self._writer.close()
+        except Exception as exc:
+            raise _s3_error(exc) from exc
+        self.digest = self._sha.hexdigest()
+        return self.digest
+
+    async def discard(self) -> None:
+        """Remove the object unless a committed row maps its digest to it; gc reclaims what this misses."""
+        if self.kept or not self._started:
+            return
+        with contextlib.suppress(Exception):
+            if self._writer is not None and not await self._writer.closed():
+                await self._writer.close()
+        with contextlib.suppress(Exception):
+            await self._blobs.delete_key(self.key)
+        with contextlib.suppress(Exception):
+            await self._blobs.db.drop_pending_object(self.key)
+
+    def open_reader(self) -> BinaryIO:
+        """A seekable reader over the finished object (to list a zip's members without downloading it)."""
+        import obstore
+
+        reader = obstore.open_reader(self._blobs.store, self._blobs.object_path(self.key), buffer_size=256 * 1024)
+        return io.BufferedReader(_ObjectReader(reader))
+
+    @contextlib.asynccontextmanager
+    async def local_path(self) -> AsyncIterator[Path]:
+        """The bytes as a temporary local file, for a sandboxed check that needs a path."""
+        async with self._blobs.download(self._blobs.object_path(self.key)) as path:
+            yield path
+
+
+class S3Source:
+    """A download streamed from the bucket with the client's range passed through."""
+
+    def __init__(self, store: Any, path: str):
+        self.store = store
+        self.path = path
+        self._result: Any = None
+
+    async def begin(self, start: int, length: int) -> None:
+        import obstore
+
+        if length == 0:
+            return
+        try:
+            self._result = await obstore.get_async(self.store, self.path, options={"range": (start, start + length)})
+        except FileNotFoundError:
+            raise OctomilError(f"The stored bytes of object {self.path} are missing; "
+                               "run 'octomil-lite verify'.") from None
+        except Exception as exc:  # obstore's own errors: the store is unreachable or refused
+            raise _s3_error(exc, "read from") from exc
+
+    async def chunks(self, start: int, length: int) -> AsyncIterator[bytes]:
+        if self._result is None:
+            await self.begin(start, length)
+        if self._result is None:
+            return
+        async for chunk in self._result.stream(min_chunk_size=MiB):
+            yield bytes(chunk)
+
+    def close(self) -> None:
+        """Nothing is held open between requests."""
+
+
+class S3BlobStore:
+    """sha256-addressed blobs under s3://bucket/prefix; which object holds a digest is a database row."""
+
+    def __init__(self, url: str, db: Any, tmp: Path, settings: AwsSettings | None = None):
+        from obstore.store import S3Store
+
+        parts = urlsplit(url)
+        self.bucket = parts.netloc
+        self.prefix = parts.path.strip("/")
+        self.db = db
+        self.tmp = tmp
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.settings = settings or AwsSettings.from_environment()
+        config: dict[str, Any] = {"region": self.settings.region}
+        if self.settings.endpoint:
+            config["endpoint"] = self.settings.endpoint
+        if self.settings.access_key:
+            config.update(access_key_id=self.settings.access_key, secret_access_key=self.settings.secret_key)
+        if self.settings.token:
+            config["session_token"] = self.settings.token
+        http = bool(self.settings.endpoint and self.settings.endpoint.startswith("http://"))
+        self.store = S3Store(self.bucket, config=config, client_options={"allow_http": http})  # type: ignore[arg-type]
+        self._api = _BucketApi(self.settings, self.bucket)
+        self._keys: dict[str, str] = {}
+
+    def sweep_tmp(self, older_than: float | None = None, dry_run: bool = False) -> tuple[int, int]:
+        """Local scratch (conversions, ONNX checks) left by a previous run."""
+        from ..blobstore import sweep_dir
+
+        return sweep_dir(self.tmp, older_than, dry_run)
+
+    def object_path(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def new_key(self) -> str:
+        return f"objects/{uuid.uuid4().hex}"
+
+    def uri(self, digest: str) -> str:
+        return f"s3://{self.bucket}/{self.object_path('sha256/' + digest)}"
+
+    def stage(self) -> S3StagedBlob:
+        return S3StagedBlob(self)
+
+    async def stage_file(self, path: Path) -> S3StagedBlob:
+        """Move a finished local file (a conversion's output) into its own object, hashing it on the way."""
+        staged = S3StagedBlob(self)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                while data := await asyncio.to_thread(f.read, PART_BYTES):
+                    await staged.write(data)
+            await staged.finish()
+        except BaseException:
+            await staged.discard()
+            raise
+        finally:
+            path.unlink(missing_ok=True)
+        return staged
+
+    async def commit(self, staged: S3StagedBlob, record: Callable[[str, str, int], Any]) -> str:
+        """In the row's transaction: map the digest to this object, unless another object already holds it."""
+        staged.kept = await record(staged.digest, staged.key, staged.size) == staged.key
+        return staged.digest
+
+    async def _key(self, digest: str) -> tuple[str, int]:
+        row = await self.db.object_key(digest)
+        if row is None:
+            raise OctomilError(f"The stored bytes of blob {digest} are missing; run 'octomil-lite verify'.")
+        return row["key"], row["size"]
+
+    async def open_source(self, digest: str) -> S3Source:
+        key, _ = await self._key(digest)
+        return S3Source(self.store, self.object_path(key))
+
+    async def sign_url(self, digest: str, filename: str, ttl: int) -> str:
+        """A pre-signed GET for the object, for download-url --presigned."""
+        import obstore
+
+        key, _ = await self._key(digest)
+        return await obstore.sign_async(self.store, "GET", self.object_path(key), datetime.timedelta(seconds=ttl))
+
+    @contextlib.asynccontextmanager
+    async def download(self, path: str) -> AsyncIterator[Path]:
+        import obstore
+
+        local = self.tmp / f"s3-{uuid.uuid4().hex}"
+        try:
+            fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                result = await obstore.get_async(self.store, path)
+                async for chunk in result.stream(min_chunk_size=4 * MiB):
+                    await asyncio.to_thread(f.write, chunk)
+            yield local
+        finally:
+            local.unlink(missing_ok=True)
+
+    @contextlib.asynccontextmanager
+    async def local_copy(self, digest: str) -> AsyncIterator[Path]:
+        """A blob as a temporary local file (a conversion's source)."""
+        key, _ = await self._key(digest)
+        async with self.download(self.object_path(key)) as path:
+            yield path
+
+    async def delete_key(self, key: str) -> None:
+        import obstore
+
+        with contextlib.suppress(FileNotFoundError):
+            await obstore.delete_async(self.store, self.object_path(key))
+
+    async def listing(self) -> dict[str, tuple[int, float]]:
+        """key -> (size, last modified) of every object under the prefix's objects/."""
+        import obstore
+
+        found: dict[str, tuple[int, float]] = {}
+        base = self.object_path("objects/")
+        async for batch in obstore.list(self.store, base, chunk_size=1000):
+            for meta in batch:
+                key = meta["path"][len(self.object_path("")):]
+                found[key] = (meta["size"], meta["last_modified"].timestamp())
+        return found
+
+    async def gc(self, db: Any, grace: float, dry_run: bool) -> dict[str, int]:
+        """Delete objects no row needs and abort stale multipart uploads, all untouched for `grace` seconds."""
+        listing = await self.listing()  # first the bucket, then the tables: see the module docstring
+        uploads = await self._api.multipart_uploads(self.object_path("objects/"))
+        cutoff = time.time() - grace
+        if dry_run:
+            mapped = {r["key"] for r in await self.db.object_rows()} | await self.db.pending_keys()
+            referenced = await self.db.referenced_digests()
+            unreferenced = {r["key"] for r in await self.db.object_rows() if r["digest"] not in referenced}
+            doomed = {k for k, (_, when) in listing.items() if when < cutoff and (k not in mapped or k in unreferenced)}
+            return {"blobs": len(doomed), "blob_bytes": sum(listing[k][0] for k in doomed),
+                    "temp_files": sum(1 for _, _, when in uploads if when < cutoff), "temp_bytes": 0}
+        reaped = set(await self.db.reap_objects(grace))
+        mapped = {r["key"] for r in await self.db.object_rows()} | await self.db.pending_keys()
+        doomed = {k for k in listing if k in reaped or (k not in mapped and listing[k][1] < cutoff)}
+        for key in doomed:
+            await self.delete_key(key)
+        aborted = 0
+        for path, upload_id, when in uploads:
+            key = path[len(self.object_path("")):]
+            if key in reaped or (key not in mapped and when < cutoff):
+                await self._api.abort(path, upload_id)
+                aborted += 1
+        return {"blobs": len(doomed), "blob_bytes": sum(listing[k][0] for k in doomed),
+                "temp_files": aborted, "temp_bytes": 0}
+
+    async def verify(self, db: Any) -> tuple[list[str], dict[str, int]]:
+        """Re-read every mapped object: its size from the listing, its sha256 from its bytes."""
+        import obstore
+
+        problems: list[str] = []
+        listing = await self.listing()
+        checked = checked_bytes = 0
+        rows = await self.db.object_rows()
+        for row in rows:
+            if row["key"] not in listing:
+                problems.append(f"blob {row['digest']} is missing: no object {row['key']}")
+                continue
+            if listing[row["key"]][0] != row["size"]:
+                problems.append(f"blob {row['digest']} has {listing[row['key']][0]} bytes, recorded {row['size']}")
+            sha, size = hashlib.sha256(), 0
+            result = await obstore.get_async(self.store, self.object_path(row["key"]))
+            async for chunk in result.stream(min_chunk_size=4 * MiB):
+                await asyncio.to_thread(sha.update, chunk)
+                size += len(chunk)
+            checked, checked_bytes = checked + 1, checked_bytes + size
+            if sha.hexdigest() != row["digest"]:
+                problems.append(f"blob {row['digest']} is corrupt: its bytes hash to {sha.hexdigest()}")
+        mapped = {r["digest"]: r for r in rows}
+        references = await self.db.stored_references()
+        for ref in references:
+            where = f"model {ref['model_id']} version {ref['number']} ({ref['format']})"
+            found = mapped.get(ref["digest"])
+            if found is None:
+                problems.append(f"{where} points at missing blob {ref['digest']}")
+            elif found["size"] != ref["size"]:
+                problems.append(f"{where} records {ref['size']} bytes but blob {ref['digest']} has {found['size']}")
+        referenced = {r["digest"] for r in references}
+        in_use = {r["key"] for r in rows} | await self.db.pending_keys()
+        return problems, {"blobs": checked, "bytes": checked_bytes, "rows": len(references),
+                          "orphan_blobs": len(set(mapped) - referenced) + len(set(listing) - in_use),
+                          "temp_files": len(await self._api.multipart_uploads(self.object_path("objects/")))}

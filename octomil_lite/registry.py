@@ -396,7 +396,10 @@ class Registry:
         """On a registry with no active key, make one admin key (returned once); otherwise None."""
         if await self.db.count_active_keys() > 0:
             return None
-        return await self.create_key("admin", "admin")
+        try:
+            return await self.create_key("admin", "admin")
+        except Conflict:  # another server on the same database made it at the same moment
+            return None
 
     async def authenticate(self, key: str) -> KeyInfo | None:
         if not key.startswith(auth.KEY_PREFIX) or len(key) > 128:

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__
+from . import __version__, maintenance
 from .cli_client import CLIENT_COMMANDS
 from .config import Config, default_data_dir
 from .errors import OctomilError
@@ -90,8 +90,8 @@ def main() -> None:
 def serve(host: str, port: int, data_dir: Path | None, database: str | None, blobs: str | None,
           max_upload_size: str, rate_limit: int, log_level: str, access_log: bool, conversion_lease: float) -> None:
     """Run the registry server (several may share one PostgreSQL database and bucket)."""
-    from .app import create_app
-    from .httpserver import run
+    from .server.app import create_app
+    from .server.httpserver import run
 
     config = _config(data_dir, database, blobs, host=host, port=port, max_upload_size=_size(max_upload_size),
                      rate_limit=rate_limit, conversion_lease=conversion_lease)
@@ -159,7 +159,7 @@ def _bytes(n: int) -> str:
 def gc(grace: float, dry_run: bool, data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """Delete blobs that no version references, and leftover temp files."""
     config = _config(data_dir, database, blobs)
-    done = _with_registry(config, lambda r: r.gc(grace, dry_run))
+    done = _with_registry(config, lambda r: maintenance.gc(r.db, r.blobs, grace, dry_run))
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {done['blobs']} unreferenced blob(s), {_bytes(done['blob_bytes'])}; "
                f"{done['temp_files']} temp file(s), {_bytes(done['temp_bytes'])}")
@@ -170,7 +170,7 @@ def gc(grace: float, dry_run: bool, data_dir: Path | None, database: str | None,
 def verify(data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """Re-hash every blob and check every row against the store; exit 1 on any problem."""
     config = _config(data_dir, database, blobs)
-    problems, counts = _with_registry(config, lambda r: r.verify())
+    problems, counts = _with_registry(config, lambda r: maintenance.verify(r.db, r.blobs))
     for problem in problems:
         click.echo(f"PROBLEM: {problem}")
     click.echo(f"checked {counts['blobs']} blob(s) ({_bytes(counts['bytes'])}) and {counts['rows']} row(s); "

@@ -15,12 +15,11 @@ from typing import Any
 
 import msgspec
 
-from . import auth, formats
+from . import auth, formats, storage
 from .config import Config
-from .conversions import TARGETS, ConversionPool
-from .db import Recorder, Row
+from .convert.pool import TARGETS, ConversionPool
+from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .errors import BadRequest, Conflict, Forbidden, NotFound
-from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .schemas import (
     DOWNLOAD_FORMATS,
     CreateModel,
@@ -34,8 +33,7 @@ from .schemas import (
     VersionDetail,
     VersionSummary,
 )
-from .storage.backends import open_blobs, open_database
-from .uploads import UploadedFile
+from .storage import BlobStore, MetadataStore, Row, StagedBlob
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PENDING_RETRY_AFTER = 2
@@ -56,6 +54,14 @@ class Artifact:
     @property
     def hash(self) -> str:
         return f"sha256:{self.digest}"
+
+
+@dataclass
+class UploadedFile:
+    """One file part of an upload: its staged bytes and the file name the client gave."""
+
+    staged: StagedBlob
+    filename: str
 
 
 @dataclass(frozen=True)
@@ -96,7 +102,7 @@ def _format_status(a: Row) -> FormatStatus:
 class Registry:
     """Models, versions, blobs, conversions and keys of one data directory."""
 
-    def __init__(self, config: Config, db: Any, blobs: Any, secret: bytes):
+    def __init__(self, config: Config, db: MetadataStore, blobs: BlobStore, secret: bytes):
         self.config = config
         self.db = db
         self.blobs = blobs
@@ -108,9 +114,8 @@ class Registry:
     @classmethod
     async def open(cls, config: Config) -> Registry:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        db = await open_database(config)
+        db, blobs = await storage.open_stores(config)
         try:
-            blobs = open_blobs(config, db)
             secret = await db.link_secret()
         except BaseException:
             await db.close()
@@ -163,7 +168,7 @@ class Registry:
         row.update(id=str(uuid.uuid4()), is_baseline=int(bool(req.is_baseline)), created_at=utc_now())
         try:
             await self.db.insert_model(row)
-        except self.db.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"A model named '{req.name}' was created at the same moment; retry.") from None
         return self._model({**row, "digest": None, "size": None}), True
 
@@ -174,7 +179,7 @@ class Registry:
             fields["is_baseline"] = int(fields["is_baseline"])
         try:
             await self.db.update_model(row["seq"], fields)
-        except self.db.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"A model named '{fields.get('name')}' already exists; names are unique.") from None
         return self._model({**row, **fields})
 
@@ -202,7 +207,7 @@ class Registry:
         """Fail fast (before an upload body is read) when the model does not exist."""
         await self._model_row(model_id)
 
-    def stage_upload(self) -> Any:
+    def stage_upload(self) -> StagedBlob:
         return self.blobs.stage()
 
     async def upload_version(self, model_id: str, files: dict[str, UploadedFile], form: UploadForm) -> UploadedVersion:
@@ -234,12 +239,12 @@ class Registry:
                    "input_shape": json.dumps(form.input_shape) if form.input_shape else None}
         figures = {k: getattr(form, k) for k in ("round_id", "accuracy", "loss") if getattr(form, k) is not None}
 
-        async def publish(record: Recorder) -> None:
+        async def publish(record: storage.Recorder) -> None:
             await self.blobs.commit(staged, record)
 
         try:
             number = await self.db.insert_version(row["seq"], version, figures, artifacts, publish)
-        except self.db.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"Model '{row['id']}' already has a version labelled '{form.label}'.") from None
         finally:
             await staged.discard()
@@ -251,7 +256,7 @@ class Registry:
                                model_hash=f"sha256:{staged.digest}", description=form.description, uploaded_at=now,
                                formats={a["format"]: a["status"] for a in artifacts})
 
-    async def _checked_onnx(self, staged: Any, data: UploadedFile | None) -> tuple[Any, Any]:
+    async def _checked_onnx(self, staged: StagedBlob, data: UploadedFile | None) -> tuple[StagedBlob, Any]:
         """Validate an ONNX upload in a child; with external weights, fold them into one self-contained file."""
         async with staged.local_path() as path:
             if data is None:
@@ -352,23 +357,9 @@ class Registry:
         if int(expires) < time.time():
             raise Forbidden("This download link has expired; ask for a new one with download-url.")
 
-    async def open_artifact(self, artifact: Artifact) -> Any:
+    async def open_artifact(self, artifact: Artifact) -> storage.BlobSource:
         """Where to read the artifact's bytes from (a local file or a bucket object)."""
         return await self.blobs.open_source(artifact.digest)
-
-    # maintenance
-
-    async def gc(self, grace: float, dry_run: bool) -> dict[str, int]:
-        """Delete what no row references (and leftovers of uploads), all untouched for `grace` seconds."""
-        return await self.blobs.gc(self.db, grace, dry_run)  # type: ignore[no-any-return]
-
-    async def verify(self) -> tuple[list[str], dict[str, int]]:
-        """Re-hash every blob and check every row against the store; return (problems, counts)."""
-        problems, counts = await self.blobs.verify(self.db)
-        integrity = await self.db.integrity_check()
-        if integrity != "ok":
-            problems.append(f"database integrity check: {integrity}")
-        return problems, counts
 
     # api keys
 
@@ -381,7 +372,7 @@ class Registry:
         try:
             await self.db.insert_key({"name": name, "key_hash": auth.hash_key(key), "prefix": key[:8],
                                       "scope": scope, "created_at": utc_now()})
-        except self.db.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"An active key named '{name}' already exists; revoke it or pick another name.") from None
         return key
 

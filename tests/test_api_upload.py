@@ -42,7 +42,8 @@ async def test_upload_returns_201_with_spec_fields_and_updates_model(api: Api, s
     assert body["model_size_bytes"] == len(sklearn_pickle) and body["model_hash"] == sha(sklearn_pickle)
     assert body["description"] == "After round 18 aggregation"
     digest = body["model_hash"].removeprefix("sha256:")
-    assert body["model_path"] == api.registry.blobs.uri(digest) and await api.blob_bytes(digest, len(sklearn_pickle)) == sklearn_pickle
+    assert body["model_path"] == api.registry.blobs.uri(digest)
+    assert await api.blob_bytes(digest, len(sklearn_pickle)) == sklearn_pickle
     got = (await api.client.get(f"/api/v1/models/{model['id']}", headers=api.headers)).json()
     assert got["model_path"] == body["model_path"] and got["model_hash"] == body["model_hash"]
     assert got["model_size_bytes"] == len(sklearn_pickle)
@@ -230,7 +231,7 @@ async def test_upload_over_max_size_is_413_and_leaves_nothing(config: Config) ->
     from conftest import bearer, on_app_loop, stored_blobs
     from litestar.testing import AsyncTestClient
 
-    from octomil_lite.app import create_app
+    from octomil_lite.server.app import create_app
 
     config = replace(config, max_upload_size=2 * 1024 * 1024)
     async with AsyncTestClient(app=create_app(config)) as client:

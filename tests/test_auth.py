@@ -8,9 +8,9 @@ import pytest
 from conftest import Api, bearer, on_app_loop
 from litestar.testing import AsyncTestClient
 
-from octomil_lite.app import create_app
 from octomil_lite.auth import RateLimiter, hash_key
 from octomil_lite.config import Config
+from octomil_lite.server.app import create_app
 
 pytestmark = pytest.mark.backends  # every test here runs on SQLite + directory and on PostgreSQL + S3
 

@@ -216,9 +216,9 @@ def test_verify_rehashes_every_object_in_the_bucket(tmp_path: Path, shared: dict
 
     async def corrupt() -> None:
         import obstore
+        from octomil_lite.storage.backends import open_database
 
         from octomil_lite.config import Config
-        from octomil_lite.storage.backends import open_database
         from octomil_lite.storage.s3 import S3BlobStore
 
         db = await open_database(Config(data_dir=tmp_path / "a", database=shared["OCTOMIL_LITE_DATABASE"]))

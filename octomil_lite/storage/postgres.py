@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
-from ..db import REFERENCED, Publish, Recorder, Row
-from ..errors import OctomilError
+from . import Conflict, Publish, Recorder, Row, StorageError
+
+REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
 
 # Numbered like the SQLite migrations; schema_version holds how many are applied.
 MIGRATIONS: list[str] = [
@@ -118,11 +120,31 @@ def _assignments(fields: Row, start: int = 1) -> str:
     return ", ".join(f"{name} = ${i}" for i, name in enumerate(fields, start=start))
 
 
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _translated(method: F) -> F:
+    """asyncpg's unique violations leave this module as the storage Conflict the registry knows."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import asyncpg
+
+        try:
+            return await method(*args, **kwargs)
+        except asyncpg.UniqueViolationError as exc:
+            raise Conflict("The change clashes with a stored name, label or key; nothing was written.") from exc
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StorageError(f"The PostgreSQL database failed: {str(exc)[:300]}") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _recorder(conn: Any) -> Recorder:
     async def record(digest: str, key: str, size: int) -> str:
         """Map digest -> key in this transaction; the key already mapped wins (publish once)."""
         if await conn.fetchval("DELETE FROM pending_objects WHERE key = $1 RETURNING key", key) is None:
-            raise OctomilError("The upload took longer than the gc grace period and was reclaimed; upload again.")
+            raise StorageError("The upload took longer than the gc grace period and was reclaimed; upload again.")
         return str(await conn.fetchval(
             f"INSERT INTO objects (digest, key, size, touched_at) VALUES ($1, $2, $3, {_NOW}) "
             "ON CONFLICT (digest) DO UPDATE SET touched_at = EXCLUDED.touched_at RETURNING key", digest, key, size))
@@ -130,24 +152,20 @@ def _recorder(conn: Any) -> Recorder:
     return record
 
 
-class PostgresDatabase:
+class PostgresStore:
     """The registry's metadata store on PostgreSQL: a connection pool; row locks order concurrent writers."""
 
     def __init__(self, pool: Any):
-        import asyncpg
-
         self._pool = pool
-        self.IntegrityError: type[Exception] = asyncpg.UniqueViolationError
-        self.shared = True
 
     @classmethod
-    async def open(cls, url: str) -> PostgresDatabase:
+    async def open(cls, url: str) -> PostgresStore:
         import asyncpg
 
         try:
             pool = await asyncpg.create_pool(url, min_size=1, max_size=10, command_timeout=60)
         except (OSError, asyncpg.PostgresError) as exc:
-            raise OctomilError(f"Cannot connect to the PostgreSQL database: {exc}") from None
+            raise StorageError(f"Cannot connect to the PostgreSQL database: {exc}") from None
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
             await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (applied INTEGER NOT NULL)")
@@ -156,7 +174,7 @@ class PostgresDatabase:
                 await conn.execute("INSERT INTO schema_version VALUES (0)")
                 current = 0
             if current > len(MIGRATIONS):
-                raise OctomilError(f"The database was written by a newer octomil-lite (schema {current}); "
+                raise StorageError(f"The database was written by a newer octomil-lite (schema {current}); "
                                    "upgrade octomil-lite.")
             for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
                 await conn.execute(script)
@@ -180,6 +198,7 @@ class PostgresDatabase:
 
     # models
 
+    @_translated
     async def insert_model(self, row: Row) -> None:
         sql, params = _insert("models", row)
         await self._pool.execute(sql, *params)
@@ -199,6 +218,7 @@ class PostgresDatabase:
         total = await self._pool.fetchval(f"SELECT count(*) FROM models m {clause}", *params)
         return rows, int(total)
 
+    @_translated
     async def update_model(self, model_seq: int, fields: Row) -> None:
         if fields:
             await self._pool.execute(f"UPDATE models SET {_assignments(fields)} WHERE seq = ${len(fields) + 1}",
@@ -220,6 +240,7 @@ class PostgresDatabase:
         return await self._one("SELECT * FROM versions WHERE model_seq = $1 ORDER BY number DESC LIMIT 1",
                                (model_seq,))
 
+    @_translated
     async def insert_version(self, model_seq: int, row: Row, model_fields: Row, artifacts: list[Row],
                              publish: Publish) -> int | None:
         """Number, publish and insert in one transaction: the model row's lock orders concurrent uploads."""
@@ -359,6 +380,7 @@ class PostgresDatabase:
 
     # api keys
 
+    @_translated
     async def insert_key(self, row: Row) -> None:
         sql, params = _insert("api_keys", row)
         await self._pool.execute(sql, *params)

@@ -8,127 +8,28 @@ digest to it, so gc (which reads the listing first and the tables second) never 
 from __future__ import annotations
 
 import asyncio
-import configparser
 import contextlib
 import datetime
 import hashlib
-import hmac
 import io
 import os
 import time
 import uuid
-import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
-from ..errors import OctomilError
+from . import StorageError
+from .aws import AwsSettings, BucketApi
 
 MiB = 1024 * 1024
 PART_BYTES = 16 * MiB
 HEAD_BYTES = 64 * 1024
-_S3_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 
 
-@dataclass(frozen=True)
-class AwsSettings:
-    """Endpoint, region and credentials from the standard AWS variables, else from the profile files."""
-
-    region: str
-    endpoint: str | None
-    access_key: str | None
-    secret_key: str | None
-    token: str | None
-
-    @classmethod
-    def from_environment(cls) -> AwsSettings:
-        env = os.environ
-        profile = env.get("AWS_PROFILE") or env.get("AWS_DEFAULT_PROFILE") or "default"
-        creds = configparser.ConfigParser()
-        creds.read(Path(env.get("AWS_SHARED_CREDENTIALS_FILE") or "~/.aws/credentials").expanduser())
-        conf = configparser.ConfigParser()
-        conf.read(Path(env.get("AWS_CONFIG_FILE") or "~/.aws/config").expanduser())
-        section = profile if profile == "default" else f"profile {profile}"
-
-        def pick(var: str, key: str) -> str | None:
-            if env.get(var):
-                return env[var]
-            for parser, name in ((creds, profile), (conf, section)):
-                if parser.has_option(name, key):
-                    return parser.get(name, key)
-            return None
-
-        return cls(region=pick("AWS_REGION", "region") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-                   endpoint=pick("AWS_ENDPOINT_URL_S3", "endpoint_url") or pick("AWS_ENDPOINT_URL", "endpoint_url"),
-                   access_key=pick("AWS_ACCESS_KEY_ID", "aws_access_key_id"),
-                   secret_key=pick("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
-                   token=pick("AWS_SESSION_TOKEN", "aws_session_token"))
-
-
-def _signing_key(secret: str, day: str, region: str) -> bytes:
-    key = f"AWS4{secret}".encode()
-    for part in (day, region, "s3", "aws4_request"):
-        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-    return key
-
-
-class _BucketApi:
-    """The two calls obstore lacks (list and abort multipart uploads), signed with SigV4 over httpx."""
-
-    def __init__(self, settings: AwsSettings, bucket: str):
-        self.settings = settings
-        self.bucket = bucket
-        self.base = (settings.endpoint or f"https://s3.{settings.region}.amazonaws.com").rstrip("/")
-
-    async def _request(self, method: str, key: str, query: dict[str, str]) -> bytes:
-        import httpx
-
-        now = datetime.datetime.now(datetime.UTC)
-        stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
-        path = f"/{self.bucket}/{quote(key, safe='/~')}" if key else f"/{self.bucket}"
-        canonical_query = "&".join(f"{quote(k, safe='~')}={quote(v, safe='~')}" for k, v in sorted(query.items()))
-        host = urlsplit(self.base).netloc
-        headers = {"host": host, "x-amz-content-sha256": hashlib.sha256(b"").hexdigest(), "x-amz-date": stamp}
-        if self.settings.token:
-            headers["x-amz-security-token"] = self.settings.token
-        signed = ";".join(sorted(headers))
-        canonical = "\n".join([method, path, canonical_query, *(f"{k}:{headers[k]}" for k in sorted(headers)), "",
-                               signed, headers["x-amz-content-sha256"]])
-        scope = f"{day}/{self.settings.region}/s3/aws4_request"
-        to_sign = "\n".join(["AWS4-HMAC-SHA256", stamp, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-        signature = hmac.new(_signing_key(self.settings.secret_key or "", day, self.settings.region),
-                             to_sign.encode(), hashlib.sha256).hexdigest()
-        headers["authorization"] = (f"AWS4-HMAC-SHA256 Credential={self.settings.access_key}/{scope}, "
-                                    f"SignedHeaders={signed}, Signature={signature}")
-        async with httpx.AsyncClient(timeout=60) as client:
-            resp = await client.request(method, f"{self.base}{path}", params=query or None, headers=headers)
-        if resp.status_code >= 300 and not (method == "DELETE" and resp.status_code == 404):
-            raise OctomilError(f"The object store refused {method} {path}: {resp.status_code} {resp.text[:200]}")
-        return resp.content
-
-    async def multipart_uploads(self, prefix: str) -> list[tuple[str, str, float]]:
-        """(key, upload id, initiated epoch seconds) of every unfinished multipart upload under `prefix`."""
-        found: list[tuple[str, str, float]] = []
-        marker: dict[str, str] = {}
-        while True:
-            root = ET.fromstring(await self._request("GET", "", {"uploads": "", "prefix": prefix, **marker}))
-            for upload in root.iter(f"{_S3_NS}Upload"):
-                initiated = datetime.datetime.fromisoformat(upload.findtext(f"{_S3_NS}Initiated", "").rstrip("Z"))
-                found.append((upload.findtext(f"{_S3_NS}Key", ""), upload.findtext(f"{_S3_NS}UploadId", ""),
-                              initiated.replace(tzinfo=datetime.UTC).timestamp()))
-            if root.findtext(f"{_S3_NS}IsTruncated") != "true":
-                return found
-            marker = {"key-marker": root.findtext(f"{_S3_NS}NextKeyMarker", ""),
-                      "upload-id-marker": root.findtext(f"{_S3_NS}NextUploadIdMarker", "")}
-
-    async def abort(self, key: str, upload_id: str) -> None:
-        await self._request("DELETE", key, {"uploadId": upload_id})
-
-
-def _s3_error(exc: Exception, doing: str = "write to") -> OctomilError:
-    return OctomilError(f"The registry could not {doing} its object store ({str(exc).splitlines()[0][:300]}).")
+def _s3_error(exc: Exception, doing: str = "write to") -> StorageError:
+    return StorageError(f"The registry could not {doing} its object store ({str(exc).splitlines()[0][:300]}).")
 
 
 class _ObjectReader(io.RawIOBase):
@@ -247,7 +148,7 @@ class S3Source:
         try:
             self._result = await obstore.get_async(self.store, self.path, options={"range": (start, start + length)})
         except FileNotFoundError:
-            raise OctomilError(f"The stored bytes of object {self.path} are missing; "
+            raise StorageError(f"The stored bytes of object {self.path} are missing; "
                                "run 'octomil-lite verify'.") from None
         except Exception as exc:  # obstore's own errors: the store is unreachable or refused
             raise _s3_error(exc, "read from") from exc
@@ -286,12 +187,12 @@ class S3BlobStore:
             config["session_token"] = self.settings.token
         http = bool(self.settings.endpoint and self.settings.endpoint.startswith("http://"))
         self.store = S3Store(self.bucket, config=config, client_options={"allow_http": http})  # type: ignore[arg-type]
-        self._api = _BucketApi(self.settings, self.bucket)
+        self._api = BucketApi(self.settings, self.bucket)
         self._keys: dict[str, str] = {}
 
     def sweep_tmp(self, older_than: float | None = None, dry_run: bool = False) -> tuple[int, int]:
         """Local scratch (conversions, ONNX checks) left by a previous run."""
-        from ..blobstore import sweep_dir
+        from .local import sweep_dir
 
         return sweep_dir(self.tmp, older_than, dry_run)
 
@@ -330,7 +231,7 @@ class S3BlobStore:
     async def _key(self, digest: str) -> tuple[str, int]:
         row = await self.db.object_key(digest)
         if row is None:
-            raise OctomilError(f"The stored bytes of blob {digest} are missing; run 'octomil-lite verify'.")
+            raise StorageError(f"The stored bytes of blob {digest} are missing; run 'octomil-lite verify'.")
         return row["key"], row["size"]
 
     async def open_source(self, digest: str) -> S3Source:

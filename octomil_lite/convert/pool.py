@@ -1,4 +1,4 @@
-"""Server side of conversion: a small pool that claims jobs from the database and runs each in a sandboxed child.
+"""Server side of conversion: a small pool that claims jobs from the metadata store, each run in a sandboxed child.
 
 A claim is a lease: renewed while the child runs, taken over by any process once it runs out (its holder died).
 """
@@ -16,10 +16,12 @@ import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .db import Recorder, Row
 from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
+
+if TYPE_CHECKING:  # the pool needs only the interfaces, never a store's module
+    from ..storage import BlobStore, MetadataStore, Recorder, Row
 
 log = logging.getLogger("octomil_lite.conversions")
 
@@ -29,7 +31,8 @@ TARGETS = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage.zip"}
 class ConversionPool:
     """`workers` asyncio tasks, each running one conversion child at a time; the event loop never waits on one."""
 
-    def __init__(self, db: Any, blobs: Any, limits: Limits, workers: int, now: Callable[[], str], lease: float):
+    def __init__(self, db: MetadataStore, blobs: BlobStore, limits: Limits, workers: int, now: Callable[[], str],
+                 lease: float):
         self.db = db
         self.blobs = blobs
         self.limits = limits

@@ -1,4 +1,4 @@
-"""SQLite metadata: one writer connection, one reader, WAL; every query of the registry lives here."""
+"""SQLite metadata store: one writer connection, one reader, WAL; every SQL query of the registry lives here."""
 
 from __future__ import annotations
 
@@ -7,95 +7,16 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE models (
-        seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
-        name TEXT,
-        use_case TEXT,
-        framework TEXT,
-        framework_version TEXT,
-        description TEXT,
-        is_baseline INTEGER NOT NULL DEFAULT 0,
-        round_id TEXT,
-        accuracy REAL,
-        loss REAL,
-        created_at TEXT NOT NULL,
-        next_version INTEGER NOT NULL DEFAULT 1
-    );
-    CREATE UNIQUE INDEX models_by_name ON models(name) WHERE name IS NOT NULL;
-    CREATE INDEX models_by_framework ON models(framework, seq);
-    CREATE INDEX models_by_baseline ON models(is_baseline, seq);
-    CREATE INDEX models_by_use_case ON models(use_case, seq);
-    CREATE TABLE versions (
-        seq INTEGER PRIMARY KEY,
-        model_seq INTEGER NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
-        number INTEGER NOT NULL,
-        label TEXT,
-        format TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        digest TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        description TEXT,
-        round_id TEXT,
-        accuracy REAL,
-        loss REAL,
-        input_shape TEXT,
-        uploaded_at TEXT NOT NULL,
-        UNIQUE (model_seq, number)
-    );
-    CREATE UNIQUE INDEX versions_by_label ON versions(model_seq, label) WHERE label IS NOT NULL;
-    CREATE INDEX versions_by_digest ON versions(digest);
-    CREATE TABLE artifacts (
-        seq INTEGER PRIMARY KEY,
-        version_seq INTEGER NOT NULL REFERENCES versions(seq) ON DELETE CASCADE,
-        format TEXT NOT NULL,
-        status TEXT NOT NULL,
-        reason TEXT,
-        digest TEXT,
-        size INTEGER,
-        parity TEXT,
-        signature TEXT,
-        converter TEXT,
-        updated_at TEXT NOT NULL,
-        UNIQUE (version_seq, format)
-    );
-    CREATE INDEX artifacts_by_status ON artifacts(status, seq);
-    CREATE INDEX artifacts_by_digest ON artifacts(digest);
-    CREATE TABLE api_keys (
-        seq INTEGER PRIMARY KEY,
-        name TEXT NOT NULL,
-        key_hash TEXT NOT NULL UNIQUE,
-        prefix TEXT NOT NULL,
-        scope TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        revoked_at TEXT
-    );
-    CREATE UNIQUE INDEX api_keys_active_name ON api_keys(name) WHERE revoked_at IS NULL;
-    """,
-    """
-    ALTER TABLE artifacts ADD COLUMN lease_owner TEXT;
-    ALTER TABLE artifacts ADD COLUMN lease_expires REAL;
-    CREATE TABLE objects (
-        digest TEXT PRIMARY KEY,
-        key TEXT NOT NULL UNIQUE,
-        size INTEGER NOT NULL,
-        touched_at REAL NOT NULL
-    );
-    CREATE TABLE pending_objects (
-        key TEXT PRIMARY KEY,
-        created_at REAL NOT NULL
-    );
-    """,
-]
+from ..errors import DISK_FULL
+from . import Conflict, Publish, Recorder, Row, StorageError, StorageFull
+from .sqlite_schema import MIGRATIONS
 
 _MODEL_COLUMNS = """
     m.seq, m.id, m.name, m.use_case, m.framework, m.framework_version, m.description, m.is_baseline, m.round_id,
@@ -107,11 +28,18 @@ _LATEST_JOIN = """
 
 REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
 
-Row = dict[str, Any]
-# (digest, object key, size) -> the key that digest maps to once this transaction commits
-Recorder = Callable[[str, str, int], Awaitable[str]]
-# Makes a blob durable and (for an object store) records it, inside the transaction that adds its row.
-Publish = Callable[[Recorder], Awaitable[None]]
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """sqlite3's exceptions leave this module as the storage errors the registry knows."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise Conflict("The change clashes with a stored name, label or key; nothing was written.") from exc
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+            raise StorageFull(DISK_FULL) from exc
+        raise
 
 
 def _dict_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
@@ -157,11 +85,9 @@ def _assignments(fields: Row) -> str:
 def _recorder(conn: aiosqlite.Connection) -> Recorder:
     async def record(digest: str, key: str, size: int) -> str:
         """Map digest -> key in this transaction; the key already mapped wins (publish once)."""
-        from .errors import OctomilError
-
         cur = await conn.execute("DELETE FROM pending_objects WHERE key = ? RETURNING key", (key,))
         if await cur.fetchone() is None:
-            raise OctomilError("The upload took longer than the gc grace period and was reclaimed; upload again.")
+            raise StorageError("The upload took longer than the gc grace period and was reclaimed; upload again.")
         cur = await conn.execute(
             "INSERT INTO objects (digest, key, size, touched_at) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (digest) DO UPDATE SET touched_at = excluded.touched_at RETURNING key",
@@ -171,10 +97,8 @@ def _recorder(conn: aiosqlite.Connection) -> Recorder:
     return record
 
 
-class Database:
-    """The registry's metadata store; writes are serialised through one connection."""
-
-    IntegrityError: type[Exception] = sqlite3.IntegrityError
+class SQLiteStore:
+    """The registry's MetadataStore on SQLite; writes are serialised through one connection."""
 
     def __init__(self, path: Path, reader: aiosqlite.Connection, writer: aiosqlite.Connection):
         self.path = path
@@ -183,7 +107,7 @@ class Database:
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path) -> Database:
+    async def open(cls, path: Path) -> SQLiteStore:
         await asyncio.to_thread(migrate, path)
         writer = await _connect(path)
         await writer.execute("PRAGMA synchronous = FULL")
@@ -198,20 +122,23 @@ class Database:
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """BEGIN IMMEDIATE on the writer: also excludes a concurrent `gc` in another process."""
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._writer
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
-                raise
-            await self._writer.execute("COMMIT")
+            with _translated():
+                await self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._writer
+                except BaseException:
+                    await self._writer.execute("ROLLBACK")
+                    raise
+                await self._writer.execute("COMMIT")
 
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
-        rows = await self._reader.execute_fetchall(sql, tuple(params))
+        with _translated():
+            rows = await self._reader.execute_fetchall(sql, tuple(params))
         return rows[0] if rows else None  # type: ignore[index]
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
-        return list(await self._reader.execute_fetchall(sql, tuple(params)))  # type: ignore[arg-type]
+        with _translated():
+            return list(await self._reader.execute_fetchall(sql, tuple(params)))  # type: ignore[arg-type]
 
     # models
 

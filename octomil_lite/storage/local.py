@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from .errors import DISK_FULL, OctomilError, StorageFull
+from ..errors import DISK_FULL
+from . import StorageError, StorageFull
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 FLUSH_BYTES = 4 * 1024 * 1024
@@ -22,10 +23,10 @@ HEAD_BYTES = 64 * 1024
 CHUNK_BYTES = 1024 * 1024
 
 
-def _storage_error(exc: OSError) -> OctomilError:
+def _storage_error(exc: OSError) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(DISK_FULL)
-    return OctomilError(f"The registry could not write to its data directory ({exc.strerror}).")
+    return StorageError(f"The registry could not write to its data directory ({exc.strerror}).")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -177,7 +178,7 @@ def _drop(read: asyncio.Future[bytes]) -> None:
         read.exception()  # retrieved, so that asyncio does not log it
 
 
-class BlobStore:
+class LocalBlobStore:
     """sha256-addressed files under a data directory; only ever opened by digest."""
 
     def __init__(self, data_dir: Path, blobs_dir: Path | None = None):
@@ -256,7 +257,7 @@ class BlobStore:
         try:
             return FileSource(self.open(digest))
         except OSError as exc:
-            raise OctomilError(f"The stored bytes of blob {digest} are missing or unreadable ({exc.strerror}); "
+            raise StorageError(f"The stored bytes of blob {digest} are missing or unreadable ({exc.strerror}); "
                                "run 'octomil-lite verify'.") from None
 
     @contextlib.asynccontextmanager

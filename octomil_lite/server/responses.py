@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Any
+
+from ..storage import BlobSource
 
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
-
-
-class BlobSource(Protocol):
-    """Where a download's bytes come from: a local file or an object in a bucket."""
-
-    async def begin(self, start: int, length: int) -> None:
-        """Start reading (before any header is sent, so a missing blob is still a JSON error)."""
-
-    def chunks(self, start: int, length: int) -> AsyncIterator[bytes]: ...
-
-    def close(self) -> None: ...
 
 
 class BlobResponse:

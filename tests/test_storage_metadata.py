@@ -1,0 +1,115 @@
+"""MetadataStore through its interface only: every backend (the `metadata_store` fixture's params) runs these."""
+
+from __future__ import annotations
+
+import pytest
+
+from octomil_lite import storage
+from octomil_lite.storage import MetadataStore
+
+VERSION = {"format": "onnx", "kind": "onnx", "digest": "0" * 64, "size": 1, "description": None, "uploaded_at": "t"}
+
+
+async def _nothing_to_publish(record: storage.Recorder) -> None:
+    pass
+
+
+async def _new_model(store: MetadataStore) -> int:
+    await store.insert_model({"id": "m", "created_at": "t"})
+    model = await store.get_model("m")
+    assert model is not None
+    return int(model["seq"])
+
+
+async def test_version_numbers_never_reuse_after_the_model_row_counter(metadata_store: MetadataStore) -> None:
+    db = metadata_store
+    seq = await _new_model(db)
+    published = []
+
+    async def publish(record: storage.Recorder) -> None:
+        published.append(record)
+
+    assert [await db.insert_version(seq, VERSION, {}, [], publish) for _ in range(3)] == [1, 2, 3]
+    assert await db.insert_version(999, VERSION, {}, [], publish) is None
+    assert len(published) == 3
+
+
+async def test_a_duplicate_model_name_is_a_storage_conflict(metadata_store: MetadataStore) -> None:
+    await metadata_store.insert_model({"id": "a", "name": "same", "created_at": "t"})
+    with pytest.raises(storage.Conflict):
+        await metadata_store.insert_model({"id": "b", "name": "same", "created_at": "t"})
+    rows, total = await metadata_store.list_models(10, 0, {})
+    assert total == 1 and [r["id"] for r in rows] == ["a"]
+
+
+async def test_a_duplicate_version_label_is_a_storage_conflict(metadata_store: MetadataStore) -> None:
+    seq = await _new_model(metadata_store)
+    labelled = {**VERSION, "label": "prod"}
+    assert await metadata_store.insert_version(seq, labelled, {}, [], _nothing_to_publish) == 1
+    with pytest.raises(storage.Conflict):
+        await metadata_store.insert_version(seq, labelled, {}, [], _nothing_to_publish)
+    assert [v["number"] for v in await metadata_store.list_versions(seq)] == [1]
+
+
+async def test_an_active_key_name_is_unique_until_revoked(metadata_store: MetadataStore) -> None:
+    key = {"name": "ci", "key_hash": "h1", "prefix": "p", "scope": "read", "created_at": "t"}
+    await metadata_store.insert_key(key)
+    with pytest.raises(storage.Conflict):
+        await metadata_store.insert_key({**key, "key_hash": "h2"})
+    assert await metadata_store.revoke_key("ci", "t2")
+    await metadata_store.insert_key({**key, "key_hash": "h2"})
+    assert await metadata_store.count_active_keys() == 1
+    assert (await metadata_store.find_key("h2") or {}).get("name") == "ci"
+    assert await metadata_store.find_key("h1") is None
+
+
+async def test_a_claimed_job_is_leased_to_one_owner_and_taken_over_when_the_lease_runs_out(
+        metadata_store: MetadataStore) -> None:
+    import asyncio
+
+    seq = await _new_model(metadata_store)
+    pending = [{"format": "onnx", "status": "pending", "updated_at": "t"}]
+    source = {**VERSION, "kind": "pickle", "format": "sklearn"}
+    await metadata_store.insert_version(seq, source, {}, pending, _nothing_to_publish)
+    job = await metadata_store.claim_job("t1", "a", 0.5)
+    assert job is not None and job["target"] == "onnx" and job["kind"] == "pickle"
+    assert await metadata_store.claim_job("t1", "b", 0.5) is None  # leased to a
+    assert await metadata_store.renew_lease(job["seq"], "a", 0.5)
+    await asyncio.sleep(0.7)  # a stopped renewing (its process died)
+    again = await metadata_store.claim_job("t2", "b", 30)
+    assert again is not None and again["seq"] == job["seq"]
+    assert not await metadata_store.renew_lease(job["seq"], "a", 30)
+    assert not await metadata_store.finish_job(job["seq"], "a", {"status": "failed", "reason": "x", "updated_at": "t"})
+    assert await metadata_store.finish_job(job["seq"], "b", {"status": "failed", "reason": "x", "updated_at": "t3"})
+    assert (await metadata_store.get_artifact(again["version_seq"], "onnx") or {})["status"] == "failed"
+
+
+async def test_concurrent_claimers_each_get_distinct_jobs(metadata_store: MetadataStore) -> None:
+    import asyncio
+
+    seq = await _new_model(metadata_store)
+    source = {**VERSION, "kind": "pickle", "format": "sklearn"}
+    for i in range(12):
+        await metadata_store.insert_version(seq, {**source, "digest": f"{i:064x}"}, {},
+                                            [{"format": "onnx", "status": "pending", "updated_at": "t"}],
+                                            _nothing_to_publish)
+    claims = await asyncio.gather(*(metadata_store.claim_job("t", f"w{i}", 60) for i in range(16)))
+    seqs = [c["seq"] for c in claims if c is not None]
+    assert len(seqs) == 12 and len(set(seqs)) == 12
+
+
+async def test_a_digest_maps_to_the_first_object_published(metadata_store: MetadataStore) -> None:
+    """Publish once: a second upload of the same bytes learns the key already in force."""
+    seq = await _new_model(metadata_store)
+    keys = []
+    for key in ("objects/first", "objects/second"):
+        await metadata_store.add_pending_object(key)
+
+        async def publish(record: storage.Recorder, key: str = key) -> None:
+            keys.append(await record("a" * 64, key, 5))
+
+        await metadata_store.insert_version(seq, {**VERSION, "digest": "a" * 64}, {}, [], publish)
+    assert keys == ["objects/first", "objects/first"]
+    assert await metadata_store.pending_keys() == set()
+    assert (await metadata_store.object_key("a" * 64) or {})["key"] == "objects/first"
+    assert await metadata_store.reap_objects(0) == []  # still referenced by both versions

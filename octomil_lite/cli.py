@@ -167,6 +167,24 @@ def gc(grace: float, dry_run: bool, data_dir: Path | None, database: str | None,
 
 @main.command()
 @storage_options
+@click.option("--to-database", required=True, metavar="URL", help="The target: postgresql://USER:PASS@HOST:PORT/DB.")
+@click.option("--to-blobs", required=True, metavar="DIR|URL", help="The target blob store: s3://BUCKET/PREFIX.")
+def migrate(data_dir: Path | None, database: str | None, blobs: str | None, to_database: str, to_blobs: str) -> None:
+    """Copy this registry (rows, ids, numbers, keys as hashes, link secret, blobs) to other stores.
+
+    Every blob is re-hashed on the way; run it again after an interruption and it resumes. The source is only read.
+    """
+    source = _config(data_dir, database, blobs)
+    target = _config(data_dir, to_database, to_blobs)
+    try:
+        done = asyncio.run(maintenance.migrate(source, target, lambda line: click.echo(line, err=True)))
+    except OctomilError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(", ".join(f"{k} {v}" for k, v in done.items()))
+
+
+@main.command()
+@storage_options
 def verify(data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """Re-hash every blob and check every row against the store; exit 1 on any problem."""
     config = _config(data_dir, database, blobs)

@@ -230,3 +230,42 @@ def test_verify_rehashes_every_object_in_the_bucket(tmp_path: Path, shared: dict
     asyncio.run(corrupt())
     out = cli(tmp_path / "a", shared, "verify")
     assert out.returncode == 1 and "is corrupt" in out.stdout, out.stdout + out.stderr
+
+
+def test_migrate_copies_a_single_machine_registry_and_resumes(tmp_path: Path, shared: dict[str, str]) -> None:
+    home = tmp_path / "single"
+    old = Server(home)
+    try:
+        key = make_key(home, "ci", "write")
+        model = httpx.post(f"{old.url}/api/v1/models", json={"name": "m", "framework": "sklearn"},
+                           headers=bearer(key)).json()
+        payloads = [b"\x80\x04" + os.urandom(3 * 2**20), b"\x80\x04K\x02."]
+        for i, payload in enumerate(payloads):
+            assert httpx.post(f"{old.url}/api/v1/models/{model['id']}/versions/upload", headers=bearer(key),
+                              files={"file": ("m.pkl", payload)}, timeout=60,
+                              data={"format": "sklearn", "version": f"1.{i}", "accuracy": "0.9"}).status_code == 201
+        link = httpx.get(f"{old.url}/api/v1/models/{model['id']}/versions/1.0/download-url",
+                         headers=bearer(key)).json()["url"]
+        before = httpx.get(f"{old.url}/api/v1/models/{model['id']}", headers=bearer(key)).json()
+    finally:
+        old.stop()
+    sqlite_bytes = (home / "registry.sqlite3").read_bytes()
+    target = ["migrate", "--to-database", shared["OCTOMIL_LITE_DATABASE"], "--to-blobs", shared["OCTOMIL_LITE_BLOBS"]]
+    first = cli(home, {}, *target)
+    assert first.returncode == 0 and "blobs_copied 2" in first.stdout, first.stdout + first.stderr
+    again = cli(home, {}, *target)  # an interrupted or repeated run copies only what is missing
+    assert again.returncode == 0 and "blobs_copied 0, blobs_present 2" in again.stdout, again.stdout + again.stderr
+    assert (home / "registry.sqlite3").read_bytes() == sqlite_bytes
+    new = Server(tmp_path / "scaled", env=shared)
+    try:
+        after = httpx.get(f"{new.url}/api/v1/models/{model['id']}", headers=bearer(key)).json()
+        assert {k: v for k, v in after.items() if k != "model_path"} == \
+            {k: v for k, v in before.items() if k != "model_path"}
+        got = httpx.get(link.replace(old.url, new.url), timeout=60)  # the link secret came along
+        assert got.status_code == 200 and got.content == payloads[0]
+        up = httpx.post(f"{new.url}/api/v1/models/{model['id']}/versions/upload", headers=bearer(key),
+                        files={"file": ("m.pkl", b"\x80\x04K\x03.")}, data={"format": "sklearn"})
+        assert up.status_code == 201 and up.json()["version"] == 3  # numbering continues
+    finally:
+        new.stop()
+    assert cli(tmp_path / "scaled", shared, "verify").returncode == 0

@@ -84,6 +84,8 @@ class BlobStore(Protocol):
         """Take a finished file under `tmp` (a conversion's output) into the store, not yet committed."""
     async def commit(self, staged: StagedBlob, record: Recorder) -> str:
         """Inside the row's transaction: make staged bytes the blob of their digest (idempotent)."""
+    async def has(self, digest: str) -> bool:
+        """Whether the blob is stored (and, in a bucket, mapped)."""
     async def open_source(self, digest: str) -> BlobSource:
         """Where to read a blob; StorageError when it is missing."""
     def local_copy(self, digest: str) -> contextlib.AbstractAsyncContextManager[Path]:
@@ -140,6 +142,10 @@ class MetadataStore(Protocol):
     async def pending_keys(self) -> set[str]: ...
     async def reap_objects(self, cutoff_age: float) -> list[str]:
         """Forget unreferenced objects and in-flight uploads older than `cutoff_age` s; return their keys."""
+    async def publish_blob(self, publish: Publish) -> None:
+        """Run `publish` in a transaction of its own (a blob copied ahead of its rows)."""
+    async def export_rows(self) -> dict[str, list[Row]]:
+        """Every row of models, versions, artifacts and api_keys (`migrate`'s source)."""
     async def link_secret(self) -> bytes:
         """The download-link signing key, made on first use, the same for every process of the registry."""
 

@@ -253,6 +253,9 @@ class LocalBlobStore:
         finally:
             os.close(shard)
 
+    async def has(self, digest: str) -> bool:
+        return self.exists(digest)
+
     async def open_source(self, digest: str) -> FileSource:
         try:
             return FileSource(self.open(digest))

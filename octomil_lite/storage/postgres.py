@@ -373,6 +373,31 @@ class PostgresStore:
 
     # the download-link secret, one for every process
 
+    async def publish_blob(self, publish: Publish) -> None:
+        """Publish a blob with no row of its own yet (`migrate` copies bytes before the rows naming them)."""
+        async with self.transaction() as conn:
+            await publish(_recorder(conn))
+
+    @_translated
+    async def import_rows(self, tables: dict[str, list[Row]], secret: bytes) -> dict[str, int]:
+        """Copy another registry's rows, ids and numbers kept, in one transaction; rows already here are kept."""
+        added = {}
+        async with self.transaction() as conn:
+            for table, rows in tables.items():
+                added[table] = 0
+                for row in rows:
+                    if table == "artifacts" and row["status"] == "running":
+                        row = {**row, "status": "pending"}  # its process is not coming: convert it again here
+                    row = {k: v for k, v in row.items() if k not in ("lease_owner", "lease_expires")}
+                    sql, params = _insert(table, row)
+                    sql = sql.replace(") VALUES (", ") OVERRIDING SYSTEM VALUE VALUES (") + " ON CONFLICT DO NOTHING"
+                    added[table] += await conn.execute(sql, *params) != "INSERT 0 0"
+                await conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'), "
+                                   f"GREATEST((SELECT max(seq) FROM {table}), 1))")
+            await conn.execute("INSERT INTO settings (name, value) VALUES ('link_secret', $1) "
+                               "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", secret)
+        return added
+
     async def link_secret(self) -> bytes:
         await self._pool.execute("INSERT INTO settings (name, value) VALUES ('link_secret', $1) "
                                  "ON CONFLICT DO NOTHING", secrets.token_bytes(32))

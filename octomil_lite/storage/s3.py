@@ -234,6 +234,9 @@ class S3BlobStore:
             raise StorageError(f"The stored bytes of blob {digest} are missing; run 'octomil-lite verify'.")
         return row["key"], row["size"]
 
+    async def has(self, digest: str) -> bool:
+        return await self.db.object_key(digest) is not None
+
     async def open_source(self, digest: str) -> S3Source:
         key, _ = await self._key(digest)
         return S3Source(self.store, self.object_path(key))

@@ -26,6 +26,7 @@ _LATEST_JOIN = """
     LEFT JOIN versions v ON v.seq = (SELECT seq FROM versions WHERE model_seq = m.seq ORDER BY number DESC LIMIT 1)
 """
 
+EXPORTED_TABLES = ("models", "versions", "artifacts", "api_keys")
 REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
 
 
@@ -292,6 +293,15 @@ class SQLiteStore:
             gone = [r["key"] for r in await cur.fetchall()]  # type: ignore[index]
             cur = await conn.execute("DELETE FROM pending_objects WHERE created_at < ? RETURNING key", (cutoff,))
             return gone + [r["key"] for r in await cur.fetchall()]  # type: ignore[index]
+
+    async def publish_blob(self, publish: Publish) -> None:
+        """Publish a blob with no row of its own yet (`migrate` copies bytes before the rows naming them)."""
+        async with self.transaction() as conn:
+            await publish(_recorder(conn))
+
+    async def export_rows(self) -> dict[str, list[Row]]:
+        """Every row of the registry's tables, for `migrate`."""
+        return {table: await self._all(f"SELECT * FROM {table} ORDER BY seq") for table in EXPORTED_TABLES}
 
     async def link_secret(self) -> bytes:
         """The signing key for download links, a file beside the database readable only by its owner."""

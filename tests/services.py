@@ -43,7 +43,7 @@ def _as_postgres() -> list[str]:
 class Postgres:
     """A PostgreSQL 15 cluster on a Unix socket in a temporary directory; one fresh database per test."""
 
-    def __init__(self) -> None:
+    def __init__(self, fsync: bool = False) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="octomil-pg-"))
         os.chmod(self.dir, 0o755)
         if os.geteuid() == 0:
@@ -52,8 +52,8 @@ class Postgres:
         run = _as_postgres()
         subprocess.run([*run, str(PG_BIN / "initdb"), "--no-sync", "-A", "trust", "-U", "postgres", "-D", str(data)],
                        check=True, capture_output=True, timeout=120)
-        # fsync off: the tests check ordering and locking, not power-loss durability.
-        options = f"-k {self.dir} -c listen_addresses='' -c fsync=off -c max_connections=200"
+        # fsync off in tests: they check ordering and locking, not power-loss durability (bench/ turns it on).
+        options = f"-k {self.dir} -c listen_addresses='' -c fsync={'on' if fsync else 'off'} -c max_connections=200"
         subprocess.run([*run, str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-l", str(self.dir / "log"),
                         "-o", options, "start"], check=True, capture_output=True, timeout=60)
         self.data = data

@@ -28,6 +28,21 @@ log = logging.getLogger("octomil_lite.conversions")
 TARGETS = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage.zip"}
 
 
+def _died_here(owner: str) -> bool:
+    """Whether a lease owner (host:pid:nonce) was a process of this machine that no longer runs."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class ConversionPool:
     """`workers` asyncio tasks, each running one conversion child at a time; the event loop never waits on one."""
 
@@ -44,6 +59,9 @@ class ConversionPool:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
+        dead = [owner for owner in await self.db.lease_owners() if _died_here(owner)]
+        if dead and (resumed := await self.db.expire_leases(dead)):
+            log.info("resuming %d conversion(s) interrupted by the last shutdown", resumed)
         self._tasks = [asyncio.create_task(self._work(), name=f"convert-{i}") for i in range(self.workers)]
         self.wake()
 

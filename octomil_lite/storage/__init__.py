@@ -129,6 +129,10 @@ class MetadataStore(Protocol):
     async def claim_job(self, when: str, owner: str, lease: float) -> Row | None:
         """Lease the oldest pending job, or a running one whose lease ran out (its process died), to `owner`
         for `lease` seconds; each job goes to exactly one claimer. Return it with what the converter needs."""
+    async def lease_owners(self) -> set[str]:
+        """The owners of running jobs' leases."""
+    async def expire_leases(self, owners: list[str]) -> int:
+        """End these owners' leases now (their processes are known to be dead); return how many jobs."""
     async def renew_lease(self, artifact_seq: int, owner: str, lease: float) -> bool:
         """Extend `owner`'s lease; False if the job was taken over."""
     async def finish_job(self, artifact_seq: int, owner: str, fields: Row, publish: Publish | None = None) -> bool:

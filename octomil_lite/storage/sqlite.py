@@ -245,6 +245,18 @@ class SQLiteStore:
                 "FROM artifacts a JOIN versions v ON v.seq = a.version_seq WHERE a.seq = ?", (claimed["seq"],))  # type: ignore[index]
             return await cur.fetchone()  # type: ignore[return-value]
 
+    async def lease_owners(self) -> set[str]:
+        return {r["lease_owner"] for r in await self._all(
+            "SELECT DISTINCT lease_owner FROM artifacts WHERE status = 'running' AND lease_owner IS NOT NULL")}
+
+    async def expire_leases(self, owners: list[str]) -> int:
+        """End the leases of processes known to be dead, so their jobs are taken over now."""
+        async with self.transaction() as conn:
+            marks = ", ".join("?" for _ in owners)
+            cur = await conn.execute(f"UPDATE artifacts SET lease_expires = 0 WHERE status = 'running' "
+                                     f"AND lease_owner IN ({marks})", owners)
+            return cur.rowcount
+
     async def renew_lease(self, artifact_seq: int, owner: str, lease: float) -> bool:
         """Extend a running job's lease; False if another process has taken the job over."""
         async with self.transaction() as conn:

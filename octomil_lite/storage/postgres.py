@@ -79,7 +79,9 @@ class PostgresStore:
         import asyncpg
 
         try:
-            pool = await asyncpg.create_pool(url, min_size=1, max_size=10, command_timeout=60)
+            # JIT compiled these small queries on every run (a get took 4 ms instead of 0.45): off.
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=10, command_timeout=60,
+                                             server_settings={"jit": "off"})
         except (OSError, asyncpg.PostgresError) as exc:
             raise StorageError(f"Cannot connect to the PostgreSQL database: {exc}") from None
         async with pool.acquire() as conn, conn.transaction():

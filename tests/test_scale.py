@@ -216,12 +216,12 @@ def test_verify_rehashes_every_object_in_the_bucket(tmp_path: Path, shared: dict
 
     async def corrupt() -> None:
         import obstore
-        from octomil_lite.storage.backends import open_database
 
         from octomil_lite.config import Config
+        from octomil_lite.storage import open_metadata
         from octomil_lite.storage.s3 import S3BlobStore
 
-        db = await open_database(Config(data_dir=tmp_path / "a", database=shared["OCTOMIL_LITE_DATABASE"]))
+        db = await open_metadata(Config(data_dir=tmp_path / "a", database=shared["OCTOMIL_LITE_DATABASE"]))
         row = await db.object_key(body["model_hash"].removeprefix("sha256:"))
         store = S3BlobStore(shared["OCTOMIL_LITE_BLOBS"], db, tmp_path / "t")
         await obstore.put_async(store.store, store.object_path(row["key"]), b"\x80\x04K\x08.")

@@ -85,16 +85,20 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
+@click.option("--presigned-downloads", is_flag=True,
+              help="With s3:// blobs, download-url hands out the bucket's own pre-signed URL.")
 @click.option("--conversion-lease", default=60.0, show_default=True, type=click.FloatRange(1),
               help="Seconds a conversion stays claimed without a renewal; then any server takes it over.")
 def serve(host: str, port: int, data_dir: Path | None, database: str | None, blobs: str | None,
-          max_upload_size: str, rate_limit: int, log_level: str, access_log: bool, conversion_lease: float) -> None:
+          max_upload_size: str, rate_limit: int, log_level: str, access_log: bool, presigned_downloads: bool,
+          conversion_lease: float) -> None:
     """Run the registry server (several may share one PostgreSQL database and bucket)."""
     from .server.app import create_app
     from .server.httpserver import run
 
     config = _config(data_dir, database, blobs, host=host, port=port, max_upload_size=_size(max_upload_size),
-                     rate_limit=rate_limit, conversion_lease=conversion_lease)
+                     rate_limit=rate_limit, conversion_lease=conversion_lease,
+                     presigned_downloads=presigned_downloads)
 
     try:
         key = _with_registry(config, lambda r: r.first_admin_key())

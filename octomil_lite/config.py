@@ -31,4 +31,5 @@ class Config:
     conversion_workers: int = 1
     conversion_timeout: float = 900.0
     conversion_memory_bytes: int = 8 * GiB
+    presigned_downloads: bool = False  # download-url hands out the object store's pre-signed URL
     conversion_lease: float = 60.0  # seconds a job stays claimed without a renewal from its process

@@ -338,10 +338,15 @@ class Registry:
         return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
 
     async def sign_download(self, model_id: str, ref: str, fmt: str | None, ttl: int) -> tuple[str, str]:
-        """A key-less path (with query) to one version's format, valid for `ttl` seconds, and its expiry time."""
+        """A key-less path (with query) to one version's format, valid for `ttl` seconds, and its expiry time;
+        with pre-signed downloads on an object store, the object's own pre-signed URL instead."""
         fmt = _download_format(fmt)
         model, version = await self._version_row(model_id, ref)
         expires = int(time.time()) + ttl
+        if self.config.presigned_downloads:  # serve --presigned-downloads: the bucket serves the bytes itself
+            artifact = await self.find_artifact(model_id, ref, fmt)
+            if url := await self.blobs.presign(artifact.digest, ttl):
+                return url, datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         signature = self._signature(model["id"], version["number"], fmt, expires)
         path = (f"/signed/models/{model['id']}/versions/{version['number']}/download"
                 f"?format={fmt}&expires={expires}&signature={signature}")

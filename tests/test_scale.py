@@ -269,3 +269,21 @@ def test_migrate_copies_a_single_machine_registry_and_resumes(tmp_path: Path, sh
     finally:
         new.stop()
     assert cli(tmp_path / "scaled", shared, "verify").returncode == 0
+
+
+def test_presigned_downloads_hand_out_the_buckets_own_url(tmp_path: Path, shared: dict[str, str]) -> None:
+    server = Server(tmp_path / "a", "--presigned-downloads", env=shared)
+    try:
+        key = make_key(tmp_path / "a", env=shared)
+        model = httpx.post(f"{server.url}/api/v1/models", json={}, headers=bearer(key)).json()
+        payload = b"\x80\x04" + os.urandom(70000)
+        assert httpx.post(f"{server.url}/api/v1/models/{model['id']}/versions/upload", headers=bearer(key),
+                          files={"file": ("m.pkl", payload)}, data={"format": "sklearn"}).status_code == 201
+        signed = httpx.get(f"{server.url}/api/v1/models/{model['id']}/versions/1/download-url",
+                           headers=bearer(key), params={"expires_in": 60}).json()
+        assert signed["url"].startswith(os.environ["AWS_ENDPOINT_URL"]) and "X-Amz-Signature" in signed["url"]
+        got = httpx.get(signed["url"], timeout=60)
+        assert got.status_code == 200 and got.content == payload
+        assert httpx.get(signed["url"].replace("X-Amz-Signature=", "X-Amz-Signature=0")).status_code == 403
+    finally:
+        server.stop()

@@ -209,7 +209,8 @@ class ModelController(Controller):
                            registry: NamedDependency[Registry], format: FromQuery[DownloadFormat | None] = None,
                            expires_in: Annotated[int, QueryParameter(ge=1, le=7 * 24 * 3600)] = 3600) -> SignedUrl:
         path, expires_at = await registry.sign_download(model_id, version, format, expires_in)
-        return SignedUrl(url=str(request.base_url).rstrip("/") + path, expires_at=expires_at)
+        url = path if path.startswith(("http://", "https://")) else str(request.base_url).rstrip("/") + path
+        return SignedUrl(url=url, expires_at=expires_at)
 
     @route("/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],
            opt={"scope": "read"}, operation_class=DownloadOperation, responses=_errors(416))

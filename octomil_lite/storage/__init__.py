@@ -84,6 +84,8 @@ class BlobStore(Protocol):
         """Take a finished file under `tmp` (a conversion's output) into the store, not yet committed."""
     async def commit(self, staged: StagedBlob, record: Recorder) -> str:
         """Inside the row's transaction: make staged bytes the blob of their digest (idempotent)."""
+    async def presign(self, digest: str, ttl: int) -> str | None:
+        """A pre-signed GET URL valid for `ttl` seconds, or None where the store has no such thing."""
     async def has(self, digest: str) -> bool:
         """Whether the blob is stored (and, in a bucket, mapped)."""
     async def open_source(self, digest: str) -> BlobSource:

@@ -253,6 +253,9 @@ class LocalBlobStore:
         finally:
             os.close(shard)
 
+    async def presign(self, digest: str, ttl: int) -> str | None:
+        return None  # a directory has no URLs of its own: download-url signs a link to this server
+
     async def has(self, digest: str) -> bool:
         return self.exists(digest)
 

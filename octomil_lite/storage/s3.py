@@ -241,8 +241,8 @@ class S3BlobStore:
         key, _ = await self._key(digest)
         return S3Source(self.store, self.object_path(key))
 
-    async def sign_url(self, digest: str, filename: str, ttl: int) -> str:
-        """A pre-signed GET for the object, for download-url --presigned."""
+    async def presign(self, digest: str, ttl: int) -> str | None:
+        """A pre-signed (SigV4) GET for the object, for serve --presigned-downloads."""
         import obstore
 
         key, _ = await self._key(digest)

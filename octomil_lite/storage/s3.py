@@ -69,7 +69,6 @@ class S3StagedBlob:
         self.size = 0
         self.digest = ""
         self.head = b""
-        self.kept = False
         self._sha = hashlib.sha256()
         self._writer: Any = None
         self._started = False
@@ -108,8 +107,12 @@ class S3StagedBlob:
 
     async def discard(self) -> None:
         """Remove the object unless a committed row maps its digest to it; gc reclaims what this misses."""
-        if self.kept or not self._started:
+        if not self._started:
             return
+        with contextlib.suppress(Exception):  # called after the row's transaction ended, either way
+            mapped = await self._blobs.db.object_key(self.digest) if self.digest else None
+            if mapped is not None and mapped["key"] == self.key:
+                return
         with contextlib.suppress(Exception):
             if self._writer is not None and not await self._writer.closed():
                 await self._writer.close()
@@ -225,7 +228,7 @@ class S3BlobStore:
 
     async def commit(self, staged: S3StagedBlob, record: Callable[[str, str, int], Any]) -> str:
         """In the row's transaction: map the digest to this object, unless another object already holds it."""
-        staged.kept = await record(staged.digest, staged.key, staged.size) == staged.key
+        await record(staged.digest, staged.key, staged.size)  # discard() later drops the object if it lost
         return staged.digest
 
     async def _key(self, digest: str) -> tuple[str, int]:

@@ -287,3 +287,42 @@ def test_presigned_downloads_hand_out_the_buckets_own_url(tmp_path: Path, shared
         assert httpx.get(signed["url"].replace("X-Amz-Signature=", "X-Amz-Signature=0")).status_code == 403
     finally:
         server.stop()
+
+
+async def test_gc_never_takes_an_object_a_committing_upload_needs(tmp_path: Path, shared: dict[str, str]) -> None:
+    """In flight within the grace period: kept. Reaped by gc (grace 0): the commit fails, no row names it."""
+    from octomil_lite import storage
+    from octomil_lite.config import Config
+
+    config = Config(data_dir=tmp_path / "d", database=shared["OCTOMIL_LITE_DATABASE"],
+                    blobs=shared["OCTOMIL_LITE_BLOBS"])
+    db, blobs = await storage.open_stores(config)
+    try:
+        await db.insert_model({"id": "m", "created_at": "t"})
+        seq = (await db.get_model("m"))["seq"]  # type: ignore[index]
+
+        async def staged_upload(data: bytes) -> Any:
+            staged = blobs.stage()
+            await staged.write(data)
+            await staged.finish()
+            return staged
+
+        def version(staged: Any) -> dict[str, Any]:
+            return {"format": "sklearn", "kind": "pickle", "digest": staged.digest, "size": staged.size,
+                    "uploaded_at": "t"}
+
+        kept = await staged_upload(b"\x80\x04K\x01.")
+        assert (await blobs.gc(db, 3600, False))["blobs"] == 0  # another process's gc, mid-upload
+        assert await db.insert_version(seq, version(kept), {}, [],
+                                       lambda record: blobs.commit(kept, record)) == 1
+        await kept.discard()
+        reaped = await staged_upload(b"\x80\x04K\x02.")
+        assert (await blobs.gc(db, 0, False))["blobs"] == 1  # an impatient gc takes the in-flight object
+        with pytest.raises(storage.StorageError, match="gc grace"):
+            await db.insert_version(seq, version(reaped), {}, [], lambda record: blobs.commit(reaped, record))
+        await reaped.discard()
+        assert [v["number"] for v in await db.list_versions(seq)] == [1]
+        problems, counts = await blobs.verify(db)
+        assert problems == [] and counts["blobs"] == 1
+    finally:
+        await db.close()

@@ -114,7 +114,9 @@ class SeaweedS3:
             except httpx.HTTPError:
                 time.sleep(0.2)
             if self.proc.poll() is not None:
-                raise RuntimeError(f"weed exited: {(self.dir / 'weed.log').read_text()[-2000:]}")
+                output = (self.dir / "weed.log").read_text()[-2000:]
+                self.stop()
+                raise RuntimeError(f"weed exited: {output}")
         else:
             self.stop()
             raise RuntimeError("weed did not answer S3 within 60 s")

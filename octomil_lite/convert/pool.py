@@ -107,6 +107,7 @@ class ConversionPool:
                     return
         except asyncio.CancelledError:
             run.cancel()
+            await asyncio.gather(run, return_exceptions=True)  # the child is killed before the loop closes
             raise
         await run
 

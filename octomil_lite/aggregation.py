@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from datetime import UTC, datetime
@@ -84,11 +85,14 @@ async def aggregate(fed: Federated, req: Aggregate) -> dict[str, Any]:
     limits = Limits(timeout=fed.registry.config.conversion_timeout,
                     memory_bytes=fed.registry.config.conversion_memory_bytes)
     try:
-        await fed.sandboxed("aggregate-weights", {
-            "base": {"path": str(fed.blobs.path(base["digest"])), "encoding": encoding},
-            "updates": [{"path": str(fed.blobs.path(u["digest"])), "encoding": u["encoding"],
-                         "weight": u["sample_count"], "delta": u["update_format"] == "delta"} for u in chosen],
-            "out": str(out)}, limits)
+        async with contextlib.AsyncExitStack() as stack:
+            base_path = await stack.enter_async_context(fed.blobs.local_copy(base["digest"]))
+            update_paths = [await stack.enter_async_context(fed.blobs.local_copy(u["digest"])) for u in chosen]
+            await fed.sandboxed("aggregate-weights", {
+                "base": {"path": str(base_path), "encoding": encoding},
+                "updates": [{"path": str(path), "encoding": u["encoding"], "weight": u["sample_count"],
+                             "delta": u["update_format"] == "delta"} for u, path in zip(chosen, update_paths)],
+                "out": str(out)}, limits)
         staged = await fed.blobs.stage_file(out)
     except BaseException:
         out.unlink(missing_ok=True)
@@ -120,8 +124,8 @@ async def aggregate(fed: Federated, req: Aggregate) -> dict[str, Any]:
     fields = {"status": "completed", "closed_at": now, "metrics": json.dumps(metrics),
               "participants": json.dumps(participants), "provenance": json.dumps(provenance)}
 
-    async def publish() -> None:
-        await fed.blobs.commit(staged)
+    async def publish(record: storage.Recorder) -> None:
+        await fed.blobs.commit(staged, record)
 
     try:
         number = await fed.db.insert_aggregate(model["seq"], version, artifacts, publish, new_round, round_seq, fields,

@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -65,6 +65,23 @@ data_dir_option = click.option(
     help="Data directory [default: $OCTOMIL_LITE_HOME, else $XDG_DATA_HOME/octomil-lite "
          "or ~/.local/share/octomil-lite]")
 
+database_option = click.option(
+    "--database", envvar="OCTOMIL_LITE_DATABASE", default=None, metavar="URL",
+    help="sqlite:///PATH or postgresql://USER:PASS@HOST:PORT/DB [env OCTOMIL_LITE_DATABASE; default: the data "
+         "directory's registry.sqlite3].")
+blobs_option = click.option(
+    "--blobs", envvar="OCTOMIL_LITE_BLOBS", default=None, metavar="DIR|URL",
+    help="A directory or s3://BUCKET/PREFIX (endpoint and credentials from the AWS variables and profiles) "
+         "[env OCTOMIL_LITE_BLOBS; default: the data directory's blobs/].")
+
+
+def storage_options(command: Callable[..., None]) -> Callable[..., None]:
+    return data_dir_option(database_option(blobs_option(command)))
+
+
+def _config(data_dir: Path | None, database: str | None, blobs: str | None, **settings: Any) -> Config:
+    return Config(data_dir=data_dir or default_data_dir(), database=database, blobs=blobs, **settings)
+
 
 @click.group()
 @click.version_option(__version__, prog_name="octomil-lite")
@@ -75,7 +92,7 @@ def main() -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="TCP port.")
-@data_dir_option
+@storage_options
 @click.option("--max-upload-size", default="20G", show_default=True,
               help="Largest model file accepted (bytes, or 512M, 20G).")
 @click.option("--rate-limit", default=6000, show_default=True, type=click.IntRange(0),
@@ -85,25 +102,31 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
-def serve(host: str, port: int, data_dir: Path | None, max_upload_size: str, rate_limit: int,
-          max_link_age: str, log_level: str, access_log: bool) -> None:
-    """Run the registry server."""
+@click.option("--presigned-downloads", is_flag=True,
+              help="With s3:// blobs, download-url hands out the bucket's own pre-signed URL.")
+@click.option("--conversion-lease", default=60.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds a conversion stays claimed without a renewal; then any server takes it over.")
+def serve(host: str, port: int, data_dir: Path | None, database: str | None, blobs: str | None,
+          max_upload_size: str, rate_limit: int, max_link_age: str, log_level: str, access_log: bool,
+          presigned_downloads: bool, conversion_lease: float) -> None:
+    """Run the registry server (several may share one PostgreSQL database and bucket)."""
     from .server.app import create_app
     from .server.httpserver import run
 
-    config = Config(data_dir=data_dir or default_data_dir(), host=host, port=port,
-                    max_upload_size=_size(max_upload_size), rate_limit=rate_limit,
-                    max_link_age=_duration(max_link_age))
+    config = _config(data_dir, database, blobs, host=host, port=port, max_upload_size=_size(max_upload_size),
+                     rate_limit=rate_limit, max_link_age=_duration(max_link_age), conversion_lease=conversion_lease,
+                     presigned_downloads=presigned_downloads)
 
     try:
         key = _with_registry(config, lambda r: r.first_admin_key())
     except (OSError, RuntimeError) as exc:
-        raise click.ClickException(f"cannot open the data directory {config.data_dir}: {exc}") from None
+        raise click.ClickException(f"cannot open the registry's storage ({config.data_dir}): {exc}") from None
     if key:
         shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
         click.echo(f"Created the first API key (admin scope); it is shown only this once:\n\n  {key}\n\n"
                    f"Try it:\n  curl -H 'Authorization: Bearer {key}' http://{shown}:{port}/api/v1/models\n")
-    click.echo(f"octomil-lite {__version__}: data in {config.data_dir}, listening on http://{host}:{port}", err=True)
+    where = ", ".join(filter(None, [str(config.data_dir), database and database.split("@")[-1], blobs]))
+    click.echo(f"octomil-lite {__version__}: data in {where}, listening on http://{host}:{port}", err=True)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(create_app(config), host=host, port=port, log_level=log_level, access_log=access_log)
 
@@ -118,18 +141,18 @@ def keys() -> None:
 @click.option("--scope", type=click.Choice(SCOPES), default="write", show_default=True,
               help="read: list and download; device: also register devices and submit training updates; "
                    "write: also change models; admin: also manage keys")
-@data_dir_option
-def keys_create(name: str, scope: str, data_dir: Path | None) -> None:
+@storage_options
+def keys_create(name: str, scope: str, data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """Create a key and print it (alone, so KEY=$(octomil-lite keys create --name ci) works)."""
-    config = Config(data_dir=data_dir or default_data_dir())
+    config = _config(data_dir, database, blobs)
     click.echo(_with_registry(config, lambda r: r.create_key(name, scope)))
 
 
 @keys.command("list")
-@data_dir_option
-def keys_list(data_dir: Path | None) -> None:
+@storage_options
+def keys_list(data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """List keys (never the keys themselves)."""
-    config = Config(data_dir=data_dir or default_data_dir())
+    config = _config(data_dir, database, blobs)
     rows = _with_registry(config, lambda r: r.list_keys())
     click.echo(f"{'NAME':<24} {'PREFIX':<10} {'SCOPE':<6} {'CREATED':<21} REVOKED")
     for row in rows:
@@ -139,10 +162,10 @@ def keys_list(data_dir: Path | None) -> None:
 
 @keys.command("revoke")
 @click.argument("name")
-@data_dir_option
-def keys_revoke(name: str, data_dir: Path | None) -> None:
+@storage_options
+def keys_revoke(name: str, data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """Revoke the active key called NAME."""
-    config = Config(data_dir=data_dir or default_data_dir())
+    config = _config(data_dir, database, blobs)
     _with_registry(config, lambda r: r.revoke_key(name))
     click.echo(f"revoked {name}", err=True)
 
@@ -153,15 +176,13 @@ def secret() -> None:
 
 
 @secret.command("rotate")
-@data_dir_option
-def secret_rotate(data_dir: Path | None) -> None:
+@storage_options
+def secret_rotate(data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """Replace the signing secret: every download link made so far stops working, also on a running server."""
-    from .auth import LinkSecret
-
     home = data_dir or default_data_dir()
-    if not home.is_dir():
+    if database is None and not home.is_dir():
         raise click.ClickException(f"no data directory at {home}")
-    LinkSecret(home / "secret.key").rotate()
+    _with_registry(_config(data_dir, database, blobs), lambda r: r.rotate_link_secret())
     click.echo("rotated the download-link secret; every link made before now is invalid", err=True)
 
 
@@ -173,10 +194,10 @@ def _bytes(n: int) -> str:
 @click.option("--grace", default=3600.0, show_default=True, type=click.FloatRange(0),
               help="Only delete what has been untouched for this many seconds (protects uploads in flight).")
 @click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
-@data_dir_option
-def gc(grace: float, dry_run: bool, data_dir: Path | None) -> None:
+@storage_options
+def gc(grace: float, dry_run: bool, data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """Delete blobs that no version references, and leftover temp files."""
-    config = Config(data_dir=data_dir or default_data_dir())
+    config = _config(data_dir, database, blobs)
     done = _with_registry(config, lambda r: maintenance.gc(r.db, r.blobs, grace, dry_run))
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {done['blobs']} unreferenced blob(s), {_bytes(done['blob_bytes'])}; "
@@ -184,10 +205,28 @@ def gc(grace: float, dry_run: bool, data_dir: Path | None) -> None:
 
 
 @main.command()
-@data_dir_option
-def verify(data_dir: Path | None) -> None:
+@storage_options
+@click.option("--to-database", required=True, metavar="URL", help="The target: postgresql://USER:PASS@HOST:PORT/DB.")
+@click.option("--to-blobs", required=True, metavar="DIR|URL", help="The target blob store: s3://BUCKET/PREFIX.")
+def migrate(data_dir: Path | None, database: str | None, blobs: str | None, to_database: str, to_blobs: str) -> None:
+    """Copy this registry (rows, ids, numbers, keys as hashes, link secret, blobs) to other stores.
+
+    Every blob is re-hashed on the way; run it again after an interruption and it resumes. The source is only read.
+    """
+    source = _config(data_dir, database, blobs)
+    target = _config(data_dir, to_database, to_blobs)
+    try:
+        done = asyncio.run(maintenance.migrate(source, target, lambda line: click.echo(line, err=True)))
+    except OctomilError as exc:
+        raise click.ClickException(exc.message) from None
+    click.echo(", ".join(f"{k} {v}" for k, v in done.items()))
+
+
+@main.command()
+@storage_options
+def verify(data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """Re-hash every blob and check every row against the store; exit 1 on any problem."""
-    config = Config(data_dir=data_dir or default_data_dir())
+    config = _config(data_dir, database, blobs)
     problems, counts = _with_registry(config, lambda r: maintenance.verify(r.db, r.blobs))
     for problem in problems:
         click.echo(f"PROBLEM: {problem}")

@@ -22,6 +22,8 @@ class Config:
     """Everything a running registry needs to know."""
 
     data_dir: Path = field(default_factory=default_data_dir)
+    database: str | None = None  # sqlite:///PATH or postgresql://…; None: the data directory's SQLite file
+    blobs: str | None = None  # a directory or s3://bucket/prefix; None: the data directory's blobs/
     host: str = "127.0.0.1"
     port: int = 8080
     max_upload_size: int = 20 * GiB
@@ -30,3 +32,5 @@ class Config:
     conversion_timeout: float = 900.0
     conversion_memory_bytes: int = 8 * GiB
     max_link_age: int = 7 * 24 * 3600  # seconds; download-url refuses longer links, downloads refuse them too
+    presigned_downloads: bool = False  # download-url hands out the object store's pre-signed URL
+    conversion_lease: float = 60.0  # seconds a job stays claimed without a renewal from its process

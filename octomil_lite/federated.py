@@ -16,6 +16,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import storage
 from .aggregation import aggregate, iso, iso_now, json_or, status_of, utc_now
 from .convert import tensors
 from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
@@ -227,8 +228,8 @@ class Federated:
         if encoding is None:
             raise BadRequest(f"Version {version['number']} is {version['kind']}, not a weights file; federated "
                              "rounds need a base that is a torch.save(state_dict) or an .npz of arrays.")
-        return await self._inspect(self.blobs.path(version["digest"]), encoding, BASE,
-                                   version["digest"]), encoding
+        async with self.blobs.local_copy(version["digest"]) as path:
+            return await self._inspect(path, encoding, BASE, version["digest"]), encoding
 
     async def _inspect(self, path: Path, encoding: str, what: str, digest: str) -> tensors.Signature:
         """The tensors of a weights file, remembered by content (a base is read once; a retried update too, even
@@ -308,13 +309,14 @@ class Federated:
             await staged.write(raw)
             await staged.finish()
             del raw
-            encoding = await asyncio.to_thread(tensors.encoding_of, staged.path)
-            if encoding is None:
-                raise BadRequest("Field 'weights_data' is not np.save, np.savez or torch.save(state_dict) bytes.")
-            try:
-                signature = await self._inspect(staged.path, encoding, "The update", staged.digest)
-            except tensors.WeightsError as exc:
-                raise BadRequest(f"The update cannot be used: {exc}.") from None
+            async with staged.local_path() as path:
+                encoding = await asyncio.to_thread(tensors.encoding_of, path)
+                if encoding is None:
+                    raise BadRequest("Field 'weights_data' is not np.save, np.savez or torch.save(state_dict) bytes.")
+                try:
+                    signature = await self._inspect(path, encoding, "The update", staged.digest)
+                except tensors.WeightsError as exc:
+                    raise BadRequest(f"The update cannot be used: {exc}.") from None
             if reason := tensors.fit_to_base(signature, base_signature):
                 raise BadRequest(f"The update does not fit version {version['number']}: {reason}.")
             update_id = str(uuid.uuid4())
@@ -324,8 +326,8 @@ class Federated:
                    "size": staged.size, "sample_count": req.sample_count, "metrics": json.dumps(req.metrics or {}),
                    "status": "accepted", "submitted_at": iso_now()}
 
-            async def publish() -> None:
-                await self.blobs.commit(staged)
+            async def publish(record: storage.Recorder) -> None:
+                await self.blobs.commit(staged, record)
 
             row = await self.db.insert_update(row, publish)
         finally:

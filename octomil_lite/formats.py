@@ -6,11 +6,14 @@ import os
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import BinaryIO
 
 from .errors import BadRequest
 from .schemas import UPLOAD_FORMATS
+
+Opener = Callable[[], BinaryIO]  # a fresh seekable reader over the uploaded bytes (a local file or an object)
 
 
 @dataclass(frozen=True)
@@ -97,27 +100,27 @@ def _pickle_framework(data: bytes) -> str | None:
     return min(found)[1] if found else None
 
 
-def _zip_names(path: Path) -> list[str] | None:
+def _zip_names(open_file: Opener, size: int) -> list[str] | None:
     """The member names of a zip, or None if its directory is missing or too large to list safely."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_file() as f:
         f.seek(max(0, size - 66 * 1024))
-        tail = f.read()
-    at = tail.rfind(b"PK\x05\x06")
-    if at < 0 or len(tail) - at < 22:
-        return None
-    directory_size = struct.unpack_from("<I", tail, at + 12)[0]
-    if directory_size > _MAX_ZIP_DIRECTORY:
-        return None
-    try:
-        with zipfile.ZipFile(path) as zf:
-            return zf.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return None
+        tail = bytes(f.read())
+        at = tail.rfind(b"PK\x05\x06")
+        if at < 0 or len(tail) - at < 22:
+            return None
+        directory_size = struct.unpack_from("<I", tail, at + 12)[0]
+        if directory_size > _MAX_ZIP_DIRECTORY:
+            return None
+        try:
+            f.seek(0)
+            with zipfile.ZipFile(f) as zf:
+                return zf.namelist()
+        except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+            return None
 
 
-def _zip_kind(path: Path, filename: str) -> str | None:
-    names = _zip_names(path)
+def _zip_kind(open_file: Opener, size: int, filename: str) -> str | None:
+    names = _zip_names(open_file, size)
     if names is None:
         return None
     base = {n.rsplit("/", 1)[-1] for n in names}
@@ -139,12 +142,12 @@ def _zip_kind(path: Path, filename: str) -> str | None:
     return None
 
 
-def sniff(head: bytes, path: Path, size: int, filename: str) -> Sniffed:
+def sniff(head: bytes, open_file: Opener, size: int, filename: str) -> Sniffed:
     """Recognise a model file from its first bytes; a zip is recognised by its member names."""
     name = filename.lower()
     ext = os.path.splitext(name)[1]
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return Sniffed(_zip_kind(path, name))
+        return Sniffed(_zip_kind(open_file, size, name))
     if head.startswith(_TORCH_LEGACY_MAGIC):
         return Sniffed("torch-legacy", "pytorch")
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):

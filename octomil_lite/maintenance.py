@@ -1,51 +1,70 @@
-"""Offline upkeep of one data directory through the two store interfaces: `octomil-lite gc` and `verify`."""
+"""Offline upkeep through the two store interfaces: `octomil-lite gc` and `verify` (each store knows its bytes)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
+from collections.abc import Callable
 
+from . import storage
+from .config import Config
+from .errors import OctomilError
 from .storage import BlobStore, MetadataStore
 
 
 async def gc(db: MetadataStore, blobs: BlobStore, grace: float, dry_run: bool) -> dict[str, int]:
-    """Delete blobs no row references and temp files, both untouched for `grace` seconds."""
-    referenced = await db.referenced_digests()
-    cutoff = time.time() - grace
-    candidates = set()
-    for digest in blobs.digests():
-        if digest not in referenced and blobs.path(digest).lstat().st_mtime < cutoff:
-            candidates.add(digest)
-    if dry_run:
-        sizes = sum(blobs.path(d).lstat().st_size for d in candidates)
-        temps = blobs.sweep_tmp(older_than=grace, dry_run=True)
-        return {"blobs": len(candidates), "blob_bytes": sizes, "temp_files": temps[0], "temp_bytes": temps[1]}
-    count, freed = await db.delete_unreferenced(candidates, blobs.delete)
-    temps = blobs.sweep_tmp(older_than=grace)
-    return {"blobs": count, "blob_bytes": freed, "temp_files": temps[0], "temp_bytes": temps[1]}
+    """Delete blobs no row references and leftovers of uploads, all untouched for `grace` seconds."""
+    return await blobs.gc(db, grace, dry_run)
 
 
 async def verify(db: MetadataStore, blobs: BlobStore) -> tuple[list[str], dict[str, int]]:
     """Re-hash every blob and check every row against the store; return (problems, counts)."""
-    problems: list[str] = []
-    stored = set(blobs.digests())
-    checked = checked_bytes = 0
-    for digest in sorted(stored):
-        actual, size = await asyncio.to_thread(blobs.rehash, digest)
-        checked, checked_bytes = checked + 1, checked_bytes + size
-        if actual != digest:
-            problems.append(f"blob {digest} is corrupt: its bytes hash to {actual}")
-    rows = await db.stored_references()
-    for row in rows:
-        where = f"model {row['model_id']} version {row['number']} ({row['format']})"
-        if row["digest"] not in stored:
-            problems.append(f"{where} points at missing blob {row['digest']}")
-        elif blobs.path(row["digest"]).lstat().st_size != row["size"]:
-            problems.append(f"{where} records {row['size']} bytes but blob {row['digest']} has a different size")
+    problems, counts = await blobs.verify(db)
     integrity = await db.integrity_check()
     if integrity != "ok":
-        problems.append(f"SQLite integrity check: {integrity}")
-    referenced = {r["digest"] for r in rows}
-    temps = blobs.sweep_tmp(older_than=0, dry_run=True)
-    return problems, {"blobs": checked, "bytes": checked_bytes, "rows": len(rows),
-                      "orphan_blobs": len(stored - referenced), "temp_files": temps[0]}
+        problems.append(f"database integrity check: {integrity}")
+    return problems, counts
+
+
+async def migrate(source: Config, target: Config, say: Callable[[str], None]) -> dict[str, int]:
+    """Copy a registry to other stores (e.g. SQLite + directory -> PostgreSQL + S3), the source only read.
+
+    Blobs first, each re-hashed on the way and skipped when the target has it (so an interrupted run resumes),
+    then every row in one transaction, so the target never has a row naming a missing blob.
+    """
+    src_db, src_blobs = await storage.open_stores(source)
+    dst_db, dst_blobs = await storage.open_stores(target)
+    try:
+        if not hasattr(dst_db, "import_rows"):
+            raise OctomilError("migrate copies into a PostgreSQL database (--to-database postgresql://…).")
+        sizes = {r["digest"]: r["size"] for r in await src_db.stored_references()}
+        copied = skipped = 0
+        for digest, size in sorted(sizes.items()):
+            if await dst_blobs.has(digest):
+                skipped += 1
+                continue
+            await _copy_blob(src_blobs, dst_db, dst_blobs, digest, size)
+            copied += 1
+            say(f"copied blob {digest[:12]}… ({size} bytes)")
+        added = await dst_db.import_rows(await src_db.export_rows(), await src_db.link_secret())
+        return {"blobs_copied": copied, "blobs_present": skipped, **added}
+    finally:
+        await src_db.close()
+        await dst_db.close()
+
+
+async def _copy_blob(src: BlobStore, dst_db: MetadataStore, dst: BlobStore, digest: str, size: int) -> None:
+    source = await src.open_source(digest)
+    staged = dst.stage()
+    try:
+        await source.begin(0, size)
+        async for chunk in source.chunks(0, size):
+            await staged.write(chunk)
+        if await staged.finish() != digest or staged.size != size:
+            raise OctomilError(f"blob {digest} does not hash to its name in the source (run verify there).")
+
+        async def publish(record: storage.Recorder) -> None:
+            await dst.commit(staged, record)
+
+        await dst_db.publish_blob(publish)
+    finally:
+        source.close()
+        await staged.discard()

@@ -20,7 +20,7 @@ from .aggregation import NO_GRAPH
 from .config import Config
 from .convert.pool import TARGETS, ConversionPool
 from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
-from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
+from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .federated import Federated
 from .schemas import (
     DOWNLOAD_FORMATS,
@@ -105,23 +105,25 @@ def _format_status(a: Row) -> FormatStatus:
 class Registry:
     """Models, versions, blobs, conversions and keys of one data directory."""
 
-    def __init__(self, config: Config, db: MetadataStore, blobs: BlobStore, secret: auth.LinkSecret):
+    def __init__(self, config: Config, db: MetadataStore, blobs: BlobStore):
         self.config = config
         self.db = db
         self.blobs = blobs
-        self._secret = secret
         self.pool = ConversionPool(db, blobs, Limits(timeout=config.conversion_timeout,
                                                      memory_bytes=config.conversion_memory_bytes),
-                                   config.conversion_workers, utc_now)
+                                   config.conversion_workers, utc_now, config.conversion_lease)
         self.training = Federated(self)
 
     @classmethod
     async def open(cls, config: Config) -> Registry:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        db, blobs = await storage.open_stores(config.data_dir)
-        secret = auth.LinkSecret(config.data_dir / "secret.key")
-        secret.current()  # made at first open, so it exists before any link does
-        return cls(config, db, blobs, secret)
+        db, blobs = await storage.open_stores(config)
+        try:
+            await db.link_secret()  # made at first open, so it exists before any link does
+        except BaseException:
+            await db.close()
+            raise
+        return cls(config, db, blobs)
 
     async def start(self) -> None:
         """Serving: sweep leftovers of a previous run and start converting."""
@@ -222,7 +224,8 @@ class Registry:
         staged = upload.staged
         if staged.size == 0:
             raise BadRequest("The uploaded file is empty.")
-        sniffed = await asyncio.to_thread(formats.sniff, staged.head, staged.path, staged.size, upload.filename)
+        sniffed = await asyncio.to_thread(formats.sniff, staged.head, staged.open_reader, staged.size,
+                                          upload.filename)
         fmt = formats.resolve_format(form.format, sniffed)
         assert sniffed.kind is not None
         if form.label is not None and await self.db.get_version(row["seq"], label=form.label):
@@ -245,8 +248,8 @@ class Registry:
                    "input_shape": json.dumps(form.input_shape) if form.input_shape else None}
         figures = {k: getattr(form, k) for k in ("round_id", "accuracy", "loss") if getattr(form, k) is not None}
 
-        async def publish() -> None:
-            await self.blobs.commit(staged)
+        async def publish(record: storage.Recorder) -> None:
+            await self.blobs.commit(staged, record)
 
         try:
             number = await self.db.insert_version(row["seq"], version, figures, artifacts, publish)
@@ -264,12 +267,14 @@ class Registry:
 
     async def _checked_onnx(self, staged: StagedBlob, data: UploadedFile | None) -> tuple[StagedBlob, Any]:
         """Validate an ONNX upload in a child; with external weights, fold them into one self-contained file."""
-        if data is None:
-            result = await self._sandboxed("check-onnx", {"path": str(staged.path)})
-            return staged, result.get("signature")
-        folded = self.blobs.tmp / f"{staged.path.name}.folded.onnx"
-        result = await self._sandboxed("fold-onnx", {"path": str(staged.path), "data": str(data.staged.path),
-                                                     "data_name": data.filename, "out": str(folded)})
+        async with staged.local_path() as path:
+            if data is None:
+                result = await self._sandboxed("check-onnx", {"path": str(path)})
+                return staged, result.get("signature")
+            folded = self.blobs.tmp / f"{path.name}.folded.onnx"
+            async with data.staged.local_path() as data_path:
+                result = await self._sandboxed("fold-onnx", {"path": str(path), "data": str(data_path),
+                                                             "data_name": data.filename, "out": str(folded)})
         return await self.blobs.stage_file(folded), result.get("signature")
 
     async def _sandboxed(self, task: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -337,28 +342,37 @@ class Registry:
 
     # signed download links: the local counterpart of a pre-signed S3 URL
 
-    def _signature(self, model_id: str, number: int, fmt: str, expires: int) -> str:
+    async def _signature(self, model_id: str, number: int, fmt: str, expires: int) -> str:
         message = f"{model_id}\n{number}\n{fmt}\n{expires}".encode()
-        return hmac.new(self._secret.current(), message, hashlib.sha256).hexdigest()
+        return hmac.new(await self.db.link_secret(), message, hashlib.sha256).hexdigest()
+
+    async def rotate_link_secret(self) -> None:
+        """A new download-link secret: every link signed so far stops working, on every process."""
+        await self.db.rotate_link_secret()
 
     async def sign_download(self, model_id: str, ref: str, fmt: str | None, ttl: int) -> tuple[str, str]:
-        """A key-less path (with query) to one version's format, valid for `ttl` seconds, and its expiry time."""
+        """A key-less path (with query) to one version's format, valid for `ttl` seconds, and its expiry time;
+        with pre-signed downloads on an object store, the object's own pre-signed URL instead."""
         fmt = _download_format(fmt)
         if ttl > self.config.max_link_age:
             raise BadRequest(f"Query parameter 'expires_in' must be at most {self.config.max_link_age} seconds "
                              f"(this server's limit on download links); got {ttl}.")
         model, version = await self._version_row(model_id, ref)
         expires = int(time.time()) + ttl
-        signature = self._signature(model["id"], version["number"], fmt, expires)
+        if self.config.presigned_downloads:  # serve --presigned-downloads: the bucket serves the bytes itself
+            artifact = await self.find_artifact(model_id, ref, fmt)
+            if url := await self.blobs.presign(artifact.digest, ttl):
+                return url, datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        signature = await self._signature(model["id"], version["number"], fmt, expires)
         path = (f"/signed/models/{model['id']}/versions/{version['number']}/download"
                 f"?format={fmt}&expires={expires}&signature={signature}")
         return path, datetime.fromtimestamp(expires, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
-    def check_signature(self, model_id: str, version: str, fmt: str, expires: str, signature: str) -> None:
+    async def check_signature(self, model_id: str, version: str, fmt: str, expires: str, signature: str) -> None:
         """Refuse a signed link that was altered, made for another file, or has expired."""
         if not (version.isdigit() and expires.isdigit() and len(version) < 10 and len(expires) < 12):
             raise Forbidden("This download link is malformed; ask for a new one with download-url.")
-        expected = self._signature(model_id, int(version), fmt, int(expires))
+        expected = await self._signature(model_id, int(version), fmt, int(expires))
         if not hmac.compare_digest(expected, signature):
             raise Forbidden("This download link's signature does not match; ask for a new one with download-url.")
         now = time.time()
@@ -369,13 +383,9 @@ class Registry:
             raise Forbidden("This download link outlives the server's limit on links; ask for a new one "
                             "with download-url.")
 
-    def open_artifact(self, artifact: Artifact) -> int:
-        """A read-only descriptor on the artifact's blob."""
-        try:
-            return self.blobs.open(artifact.digest)
-        except OSError as exc:
-            raise OctomilError(f"The stored bytes of {artifact.filename} are missing or unreadable ({exc.strerror}); "
-                               "run 'octomil-lite verify'.") from None
+    async def open_artifact(self, artifact: Artifact) -> storage.BlobSource:
+        """Where to read the artifact's bytes from (a local file or a bucket object)."""
+        return await self.blobs.open_source(artifact.digest)
 
     # api keys
 
@@ -403,7 +413,10 @@ class Registry:
         """On a registry with no active key, make one admin key (returned once); otherwise None."""
         if await self.db.count_active_keys() > 0:
             return None
-        return await self.create_key("admin", "admin")
+        try:
+            return await self.create_key("admin", "admin")
+        except Conflict:  # another server on the same database made it at the same moment
+            return None
 
     async def authenticate(self, key: str) -> KeyInfo | None:
         if not key.startswith(auth.KEY_PREFIX) or len(key) > 128:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from conftest import Api
+
+pytestmark = pytest.mark.backends  # every test here runs on SQLite + directory and on PostgreSQL + S3
 
 MODEL_FIELDS = {"id", "round_id", "model_path", "model_size_bytes", "model_hash", "framework", "framework_version",
                 "accuracy", "loss", "is_baseline", "description", "created_at"}

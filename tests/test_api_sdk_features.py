@@ -9,9 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from conftest import Api
 from onnx import helper, numpy_helper
 from onnx.external_data_helper import convert_model_to_external_data
+
+pytestmark = pytest.mark.backends  # every test here runs on SQLite + directory and on PostgreSQL + S3
 
 
 async def test_create_with_an_existing_name_returns_that_model(api: Api) -> None:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -13,13 +14,17 @@ import pytest
 from conftest import Api
 from onnx import helper
 
+from octomil_lite.config import Config
+
+pytestmark = pytest.mark.backends  # every test here runs on SQLite + directory and on PostgreSQL + S3
+
 
 def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-def blob_files(api: Api) -> list[Path]:
-    return [p for p in api.registry.blobs.root.rglob("*") if p.is_file()]
+async def blob_files(api: Api) -> list[str]:
+    return await api.blobs()
 
 
 def tmp_files(api: Api) -> list[Path]:
@@ -37,8 +42,8 @@ async def test_upload_returns_201_with_spec_fields_and_updates_model(api: Api, s
     assert body["model_size_bytes"] == len(sklearn_pickle) and body["model_hash"] == sha(sklearn_pickle)
     assert body["description"] == "After round 18 aggregation"
     digest = body["model_hash"].removeprefix("sha256:")
-    blob = api.registry.config.data_dir / "blobs" / "sha256" / digest[:2] / digest
-    assert body["model_path"] == blob.resolve().as_uri() and blob.read_bytes() == sklearn_pickle
+    assert body["model_path"] == api.registry.blobs.uri(digest)
+    assert await api.blob_bytes(digest, len(sklearn_pickle)) == sklearn_pickle
     got = (await api.client.get(f"/api/v1/models/{model['id']}", headers=api.headers)).json()
     assert got["model_path"] == body["model_path"] and got["model_hash"] == body["model_hash"]
     assert got["model_size_bytes"] == len(sklearn_pickle)
@@ -65,7 +70,7 @@ async def test_upload_same_bytes_twice_stores_one_blob_but_two_versions(api: Api
     second = (await api.upload(model["id"], sklearn_pickle, "b.pkl")).json()
     assert (first["version"], second["version"]) == (1, 2)
     assert first["model_path"] == second["model_path"]
-    assert len(blob_files(api)) == 1 and tmp_files(api) == []
+    assert len(await blob_files(api)) == 1 and tmp_files(api) == []
 
 
 async def test_download_serves_original_bytes_with_spec_headers(api: Api, sklearn_pickle: bytes) -> None:
@@ -107,7 +112,7 @@ async def test_upload_to_unknown_model_is_404(api: Api, sklearn_pickle: bytes) -
     for model_id in ("00000000-0000-4000-8000-000000000000", "nope"):
         resp = await api.upload(model_id, sklearn_pickle, "m.pkl", expect=404)
         assert resp.json()["error"] == "not_found"
-    assert tmp_files(api) == [] and blob_files(api) == []
+    assert tmp_files(api) == [] and await blob_files(api) == []
 
 
 def _zip(names: dict[str, bytes]) -> bytes:
@@ -149,7 +154,7 @@ async def test_format_contradicting_content_is_400_naming_both(api: Api, sklearn
     assert "pytorch" in resp.json()["message"] and "ONNX" in resp.json()["message"]
     resp = await api.upload(model["id"], b"just some text", "m.pt", expect=400, format="pytorch")
     assert "pytorch" in resp.json()["message"]
-    assert tmp_files(api) == [] and blob_files(api) == []
+    assert tmp_files(api) == [] and await blob_files(api) == []
 
 
 async def test_unknown_format_value_and_undetectable_content_are_400(api: Api, sklearn_pickle: bytes) -> None:
@@ -170,7 +175,7 @@ async def test_onnx_failing_the_checker_is_400(api: Api) -> None:
     model = await api.create_model()
     resp = await api.upload(model["id"], bad, "bad.onnx", expect=400, format="onnx")
     assert "onnx" in resp.json()["message"].lower()
-    assert tmp_files(api) == [] and blob_files(api) == []
+    assert tmp_files(api) == [] and await blob_files(api) == []
 
 
 async def test_onnx_with_external_data_is_400(api: Api, tmp_path: Path) -> None:
@@ -206,7 +211,7 @@ async def test_upload_without_file_part_or_multipart_is_400(api: Api) -> None:
                                  b"filename=\"a\"\r\n\r\nabc", headers={**api.headers,
                                  "content-type": "multipart/form-data; boundary=xyz"})
     assert resp.status_code == 400 and "malformed" in resp.json()["message"]
-    assert tmp_files(api) == [] and blob_files(api) == []
+    assert tmp_files(api) == [] and await blob_files(api) == []
 
 
 async def test_upload_ignores_form_fields_it_does_not_define(api: Api, sklearn_pickle: bytes) -> None:
@@ -219,17 +224,16 @@ async def test_upload_ignores_form_fields_it_does_not_define(api: Api, sklearn_p
 async def test_upload_description_over_1000_characters_is_400(api: Api, sklearn_pickle: bytes) -> None:
     model = await api.create_model()
     await api.upload(model["id"], sklearn_pickle, "m.pkl", expect=400, description="x" * 1001)
-    assert blob_files(api) == []
+    assert await blob_files(api) == []
 
 
-async def test_upload_over_max_size_is_413_and_leaves_nothing(tmp_path: Path) -> None:
-    from conftest import bearer, on_app_loop
+async def test_upload_over_max_size_is_413_and_leaves_nothing(config: Config) -> None:
+    from conftest import bearer, on_app_loop, stored_blobs
     from litestar.testing import AsyncTestClient
 
-    from octomil_lite.config import Config
     from octomil_lite.server.app import create_app
 
-    config = Config(data_dir=tmp_path / "small", rate_limit=0, max_upload_size=2 * 1024 * 1024)
+    config = replace(config, max_upload_size=2 * 1024 * 1024)
     async with AsyncTestClient(app=create_app(config)) as client:
         key = await on_app_loop(client, client.app.state.registry.create_key, "k", "admin")
         model = (await client.post("/api/v1/models", json={}, headers=bearer(key))).json()
@@ -242,15 +246,13 @@ async def test_upload_over_max_size_is_413_and_leaves_nothing(tmp_path: Path) ->
         assert ok.status_code == 201
         registry = client.app.state.registry
         assert list(registry.blobs.tmp.iterdir()) == []
-        assert len([p for p in registry.blobs.root.rglob("*") if p.is_file()]) == 1
+        assert len(await on_app_loop(client, stored_blobs, registry)) == 1
 
 
 async def test_missing_blob_on_disk_is_a_json_500(api: Api, sklearn_pickle: bytes) -> None:
     model = await api.create_model()
     body = (await api.upload(model["id"], sklearn_pickle, "m.pkl")).json()
-    path = Path(body["model_path"].removeprefix("file://"))
-    path.chmod(0o644)
-    path.unlink()
+    await api.remove_blob(body["model_hash"].removeprefix("sha256:"))
     resp = await api.client.get(f"/api/v1/models/{model['id']}/versions/1/download", headers=api.headers)
     assert resp.status_code == 500
     assert resp.json()["error"] == "internal_error" and "verify" in resp.json()["message"]

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
+import pytest
 from conftest import Api, bearer, on_app_loop
 from litestar.testing import AsyncTestClient
 
 from octomil_lite.auth import RateLimiter, hash_key
 from octomil_lite.config import Config
 from octomil_lite.server.app import create_app
+
+pytestmark = pytest.mark.backends  # every test here runs on SQLite + directory and on PostgreSQL + S3
 
 ROUTES = [
     ("GET", "/api/v1/models"),
@@ -69,9 +71,7 @@ async def test_keys_exist_only_as_hashes_at_rest(api: Api) -> None:
         for path in Path(data_dir).rglob("*"):
             if path.is_file():
                 assert needle not in path.read_bytes(), path
-        with sqlite3.connect(data_dir / "registry.sqlite3") as conn:
-            stored = {row[0] for row in conn.execute("SELECT key_hash FROM api_keys")}
-        assert hash_key(key) in stored
+        assert await api.on_app(api.registry.db.find_key, hash_key(key)) is not None
 
 
 async def test_rate_limit_answers_429_with_integer_retry_after(tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ from conftest import Server, bearer, free_port, make_key
 
 from octomil_lite import Client, OctomilLiteError
 
+pytestmark = pytest.mark.backends  # every test here runs on SQLite + directory and on PostgreSQL + S3
+
 
 class Live:
     """A running server with an admin and a read key."""
@@ -21,8 +23,8 @@ class Live:
     def __init__(self, server: Server):
         self.server = server
         self.url = server.url
-        self.key = make_key(server.data_dir, "test-admin", "admin")
-        self.read_key = make_key(server.data_dir, "test-read", "read")
+        self.key = make_key(server.data_dir, "test-admin", "admin", server.storage_env)
+        self.read_key = make_key(server.data_dir, "test-read", "read", server.storage_env)
 
     def client(self, key: str | None = None) -> Client:
         return Client(self.url, key or self.key)

@@ -19,7 +19,7 @@ from octomil_lite.formats import Sniffed, looks_like_onnx, resolve_format, sniff
 def sniff_bytes(tmp_path: Path, data: bytes, name: str = "upload") -> Sniffed:
     path = tmp_path / "f"
     path.write_bytes(data)
-    return sniff(data[: 64 * 1024], path, len(data), name)
+    return sniff(data[: 64 * 1024], lambda: open(path, "rb"), len(data), name)
 
 
 @pytest.fixture(scope="module")

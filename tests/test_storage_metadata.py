@@ -10,7 +10,7 @@ from octomil_lite.storage import MetadataStore
 VERSION = {"format": "onnx", "kind": "onnx", "digest": "0" * 64, "size": 1, "description": None, "uploaded_at": "t"}
 
 
-async def _nothing_to_publish() -> None:
+async def _nothing_to_publish(record: storage.Recorder) -> None:
     pass
 
 
@@ -26,8 +26,8 @@ async def test_version_numbers_never_reuse_after_the_model_row_counter(metadata_
     seq = await _new_model(db)
     published = []
 
-    async def publish() -> None:
-        published.append(1)
+    async def publish(record: storage.Recorder) -> None:
+        published.append(record)
 
     assert [await db.insert_version(seq, VERSION, {}, [], publish) for _ in range(3)] == [1, 2, 3]
     assert await db.insert_version(999, VERSION, {}, [], publish) is None
@@ -63,15 +63,53 @@ async def test_an_active_key_name_is_unique_until_revoked(metadata_store: Metada
     assert await metadata_store.find_key("h1") is None
 
 
-async def test_a_claimed_job_is_requeued_after_a_restart(metadata_store: MetadataStore) -> None:
+async def test_a_claimed_job_is_leased_to_one_owner_and_taken_over_when_the_lease_runs_out(
+        metadata_store: MetadataStore) -> None:
+    import asyncio
+
     seq = await _new_model(metadata_store)
     pending = [{"format": "onnx", "status": "pending", "updated_at": "t"}]
     source = {**VERSION, "kind": "pickle", "format": "sklearn"}
     await metadata_store.insert_version(seq, source, {}, pending, _nothing_to_publish)
-    job = await metadata_store.claim_job("t1")
+    job = await metadata_store.claim_job("t1", "a", 0.5)
     assert job is not None and job["target"] == "onnx" and job["kind"] == "pickle"
-    assert await metadata_store.claim_job("t1") is None
-    assert await metadata_store.requeue_running() == 1
-    again = await metadata_store.claim_job("t2")
+    assert await metadata_store.claim_job("t1", "b", 0.5) is None  # leased to a
+    assert await metadata_store.renew_lease(job["seq"], "a", 0.5)
+    await asyncio.sleep(0.7)  # a stopped renewing (its process died)
+    again = await metadata_store.claim_job("t2", "b", 30)
     assert again is not None and again["seq"] == job["seq"]
-    assert await metadata_store.finish_job(job["seq"], {"status": "failed", "reason": "x", "updated_at": "t3"})
+    assert not await metadata_store.renew_lease(job["seq"], "a", 30)
+    assert not await metadata_store.finish_job(job["seq"], "a", {"status": "failed", "reason": "x", "updated_at": "t"})
+    assert await metadata_store.finish_job(job["seq"], "b", {"status": "failed", "reason": "x", "updated_at": "t3"})
+    assert (await metadata_store.get_artifact(again["version_seq"], "onnx") or {})["status"] == "failed"
+
+
+async def test_concurrent_claimers_each_get_distinct_jobs(metadata_store: MetadataStore) -> None:
+    import asyncio
+
+    seq = await _new_model(metadata_store)
+    source = {**VERSION, "kind": "pickle", "format": "sklearn"}
+    for i in range(12):
+        await metadata_store.insert_version(seq, {**source, "digest": f"{i:064x}"}, {},
+                                            [{"format": "onnx", "status": "pending", "updated_at": "t"}],
+                                            _nothing_to_publish)
+    claims = await asyncio.gather(*(metadata_store.claim_job("t", f"w{i}", 60) for i in range(16)))
+    seqs = [c["seq"] for c in claims if c is not None]
+    assert len(seqs) == 12 and len(set(seqs)) == 12
+
+
+async def test_a_digest_maps_to_the_first_object_published(metadata_store: MetadataStore) -> None:
+    """Publish once: a second upload of the same bytes learns the key already in force."""
+    seq = await _new_model(metadata_store)
+    keys = []
+    for key in ("objects/first", "objects/second"):
+        await metadata_store.add_pending_object(key)
+
+        async def publish(record: storage.Recorder, key: str = key) -> None:
+            keys.append(await record("a" * 64, key, 5))
+
+        await metadata_store.insert_version(seq, {**VERSION, "digest": "a" * 64}, {}, [], publish)
+    assert keys == ["objects/first", "objects/first"]
+    assert await metadata_store.pending_keys() == set()
+    assert (await metadata_store.object_key("a" * 64) or {})["key"] == "objects/first"
+    assert await metadata_store.reap_objects(0) == []  # still referenced by both versions

@@ -1,12 +1,19 @@
-"""Server side of conversion: a small pool that claims jobs from the metadata store, each run in a sandboxed child."""
+"""Server side of conversion: a small pool that claims jobs from the metadata store, each run in a sandboxed child.
+
+A claim is a lease: renewed while the child runs, taken over by any process once it runs out (its holder died).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import shutil
+import socket
 import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,29 +22,47 @@ from ..errors import bounded_reason
 from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 
 if TYPE_CHECKING:  # the pool needs only the interfaces, never a store's module
-    from ..storage import BlobStore, MetadataStore, Row
+    from ..storage import BlobStore, MetadataStore, Recorder, Row
 
 log = logging.getLogger("octomil_lite.conversions")
 
 TARGETS = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage.zip"}
 
 
+def _died_here(owner: str) -> bool:
+    """Whether a lease owner (host:pid:nonce) was a process of this machine that no longer runs."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
 class ConversionPool:
     """`workers` asyncio tasks, each running one conversion child at a time; the event loop never waits on one."""
 
-    def __init__(self, db: MetadataStore, blobs: BlobStore, limits: Limits, workers: int, now: Callable[[], str]):
+    def __init__(self, db: MetadataStore, blobs: BlobStore, limits: Limits, workers: int, now: Callable[[], str],
+                 lease: float):
         self.db = db
         self.blobs = blobs
         self.limits = limits
         self.workers = workers
         self.now = now
+        self.lease = lease
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        requeued = await self.db.requeue_running()
-        if requeued:
-            log.info("resuming %d conversion(s) interrupted by the last shutdown", requeued)
+        dead = [owner for owner in await self.db.lease_owners() if _died_here(owner)]
+        if dead and (resumed := await self.db.expire_leases(dead)):
+            log.info("resuming %d conversion(s) interrupted by the last shutdown", resumed)
         self._tasks = [asyncio.create_task(self._work(), name=f"convert-{i}") for i in range(self.workers)]
         self.wake()
 
@@ -52,40 +77,68 @@ class ConversionPool:
 
     async def _work(self) -> None:
         while True:
-            job = await self.db.claim_job(self.now())
+            job = await self.db.claim_job(self.now(), self.owner, self.lease)
             if job is None:
                 self._wake.clear()
-                await self._wake.wait()
+                # Polled too: another process's new job, or a dead process's lease running out.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.lease / 2)
                 continue
             try:
-                await self._run(job)
+                await self._run_leased(job)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a bug here must not stop the pool; the job ends failed
                 log.exception("conversion job %s crashed", job["seq"])
-                await self.db.finish_job(job["seq"], {"status": "failed", "reason": f"internal error: {exc}",
-                                                      "updated_at": self.now()})
+                await self.db.finish_job(job["seq"], self.owner, {"status": "failed",
+                                                                  "reason": f"internal error: {exc}",
+                                                                  "updated_at": self.now()})
+
+    async def _run_leased(self, job: Row) -> None:
+        """Run a job, renewing its lease; stop it if another process has taken it over."""
+        run = asyncio.ensure_future(self._run(job))
+        try:
+            while not run.done():
+                await asyncio.wait({run}, timeout=self.lease / 3)
+                if not run.done() and not await self.db.renew_lease(job["seq"], self.owner, self.lease):
+                    log.warning("conversion job %s was taken over by another process", job["seq"])
+                    run.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await run
+                    return
+        except asyncio.CancelledError:
+            run.cancel()
+            await asyncio.gather(run, return_exceptions=True)  # the child is killed before the loop closes
+            raise
+        await run
 
     async def _run(self, job: Row) -> None:
         out_dir = Path(tempfile.mkdtemp(prefix="convert-", dir=self.blobs.tmp))
         try:
             fields = await self._convert(job, out_dir)
             if fields.get("status") != "ready":
-                await self.db.finish_job(job["seq"], {**fields, "updated_at": self.now()})
+                await self.db.finish_job(job["seq"], self.owner, {**fields, "updated_at": self.now()})
                 return
             staged = await self.blobs.stage_file(Path(fields.pop("path")))
             fields.update(digest=staged.digest, size=staged.size, updated_at=self.now())
 
-            async def publish() -> None:
-                await self.blobs.commit(staged)
+            async def publish(record: Recorder) -> None:
+                await self.blobs.commit(staged, record)
 
-            await self.db.finish_job(job["seq"], fields, publish)
+            try:
+                await self.db.finish_job(job["seq"], self.owner, fields, publish)
+            finally:
+                await staged.discard()
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
 
     async def _convert(self, job: Row, out_dir: Path) -> dict[str, Any]:
+        async with self.blobs.local_copy(job["digest"]) as src:
+            return await self._convert_file(job, src, out_dir)
+
+    async def _convert_file(self, job: Row, src: Path, out_dir: Path) -> dict[str, Any]:
         payload = {
-            "src": str(self.blobs.path(job["digest"])), "kind": job["kind"], "framework_hint": job["format"],
+            "src": str(src), "kind": job["kind"], "framework_hint": job["format"],
             "target": job["target"], "out_dir": str(out_dir),
             "options": {"input_shape": json.loads(job["input_shape"])} if job["input_shape"] else {},
         }

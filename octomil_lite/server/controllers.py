@@ -212,7 +212,8 @@ class ModelController(Controller):
                                ge=1, description="Seconds the link is valid; at most the server's --max-link-age "
                                "(7 days by default), longer is a 400.")] = 3600) -> SignedUrl:
         path, expires_at = await registry.sign_download(model_id, version, format, expires_in)
-        return SignedUrl(url=str(request.base_url).rstrip("/") + path, expires_at=expires_at)
+        url = path if path.startswith(("http://", "https://")) else str(request.base_url).rstrip("/") + path
+        return SignedUrl(url=url, expires_at=expires_at)
 
     @route("/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],
            opt={"scope": "read"}, operation_class=DownloadOperation, responses=_errors(416))
@@ -225,8 +226,8 @@ class ModelController(Controller):
 async def _serve(registry: Registry, request: Request[Any, Any, Any], model_id: str, version: str,
                  fmt: str | None) -> BlobResponse:
     artifact = await registry.find_artifact(model_id, version, fmt)
-    fd = registry.open_artifact(artifact)
-    return blob_response(fd, artifact.size, artifact.digest, artifact.filename, request.method, request.headers)
+    source = await registry.open_artifact(artifact)
+    return blob_response(source, artifact.size, artifact.digest, artifact.filename, request.method, request.headers)
 
 
 @route("/signed/models/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],
@@ -235,7 +236,7 @@ async def signed_download(model_id: FromPath[str], version: FromPath[str], reque
                           registry: NamedDependency[Registry], format: FromQuery[DownloadFormat] = "original",
                           expires: FromQuery[str] = "", signature: FromQuery[str] = "") -> BlobResponse:
     """A download-url link: no key, the signature is the permission."""
-    registry.check_signature(model_id, version, format, expires, signature)
+    await registry.check_signature(model_id, version, format, expires, signature)
     return await _serve(registry, request, model_id, version, format)
 
 

@@ -3,19 +3,28 @@
 `MetadataStore` keeps rows (models, versions, artifacts and their conversion jobs, API keys); `BlobStore` keeps
 immutable bytes addressed by their sha256. A backend implements both as plain classes (structural typing: no base
 class needed) and translates its own exceptions into the errors below at its boundary, so the registry never
-sees a driver's exception. Today: `storage.sqlite.SQLiteStore` and `storage.local.LocalBlobStore`.
+sees a driver's exception. Single machine: `storage.sqlite.SQLiteStore` and `storage.local.LocalBlobStore`;
+several processes (the `scale` extra): `storage.postgres.PostgresStore` and `storage.s3.S3BlobStore`, chosen by
+`Config.database` / `Config.blobs` URLs and imported only when configured.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from ..errors import OctomilError
 
+if TYPE_CHECKING:
+    from ..config import Config
+
 Row = dict[str, Any]
-Publish = Callable[[], Awaitable[None]]
+# (digest, object key, size) -> the key that digest maps to once this transaction commits (the first one wins)
+Recorder = Callable[[str, str, int], Awaitable[str]]
+# Makes a blob durable-and-visible inside the transaction that adds its row; an object store records its key.
+Publish = Callable[[Recorder], Awaitable[None]]
 
 
 class StorageError(OctomilError):
@@ -39,7 +48,6 @@ class Conflict(StorageError):
 class StagedBlob(Protocol):
     """Bytes on their way into a BlobStore: hashed while written, invisible until committed."""
 
-    path: Path
     size: int
     digest: str
     head: bytes  # the first bytes, for sniffing the format
@@ -48,32 +56,48 @@ class StagedBlob(Protocol):
     async def finish(self) -> str:
         """Flush everything durably; return the hex sha256."""
     async def discard(self) -> None:
-        """Drop the staged bytes; safe to call more than once, and after commit."""
+        """Drop the staged bytes unless committed; safe to call more than once, and after commit."""
+    def open_reader(self) -> BinaryIO:
+        """A seekable reader over the finished bytes (to list a zip's members)."""
+    def local_path(self) -> contextlib.AbstractAsyncContextManager[Path]:
+        """The finished bytes as a local file for a sandboxed check (a temporary copy for an object store)."""
+
+
+class BlobSource(Protocol):
+    """Where a download's bytes come from: a local file, or an object read with the client's range."""
+
+    async def begin(self, start: int, length: int) -> None:
+        """Start reading (before any header is sent, so a missing blob is still a JSON error)."""
+    def chunks(self, start: int, length: int) -> AsyncIterator[bytes]: ...
+    def close(self) -> None: ...
 
 
 class BlobStore(Protocol):
     """Immutable blobs by sha256 hex digest. Raises StorageFull / StorageError on write failures."""
 
-    tmp: Path  # scratch space on the same filesystem: staged uploads, conversion working directories
+    tmp: Path  # local scratch space: staged uploads (directory store), conversion working directories
 
-    def path(self, digest: str) -> Path:
-        """Where a blob's bytes can be read as a file (a conversion child reads its source from here)."""
     def uri(self, digest: str) -> str:
         """The blob's location as clients see it (model_path)."""
     def stage(self) -> StagedBlob: ...
     async def stage_file(self, path: Path) -> StagedBlob:
-        """Stage a finished file already under `tmp` (a conversion's output)."""
-    async def commit(self, staged: StagedBlob) -> str:
-        """Make finished staged bytes the blob of their digest (idempotent); return the digest."""
-    def open(self, digest: str) -> int:
-        """A read-only file descriptor on a blob; OSError when it is missing."""
-    def delete(self, digest: str) -> int:
-        """Remove a blob; return the bytes freed."""
-    def digests(self) -> Iterator[str]: ...
-    def rehash(self, digest: str) -> tuple[str, int]:
-        """(sha256, size) of the bytes as stored now, for `verify`."""
+        """Take a finished file under `tmp` (a conversion's output) into the store, not yet committed."""
+    async def commit(self, staged: StagedBlob, record: Recorder) -> str:
+        """Inside the row's transaction: make staged bytes the blob of their digest (idempotent)."""
+    async def presign(self, digest: str, ttl: int) -> str | None:
+        """A pre-signed GET URL valid for `ttl` seconds, or None where the store has no such thing."""
+    async def has(self, digest: str) -> bool:
+        """Whether the blob is stored (and, in a bucket, mapped)."""
+    async def open_source(self, digest: str) -> BlobSource:
+        """Where to read a blob; StorageError when it is missing."""
+    def local_copy(self, digest: str) -> contextlib.AbstractAsyncContextManager[Path]:
+        """A blob as a local file (a conversion child's source): the blob itself, or a temporary download."""
     def sweep_tmp(self, older_than: float | None = None, dry_run: bool = False) -> tuple[int, int]:
         """Delete temp files (all, or those untouched for `older_than` seconds); return (count, bytes)."""
+    async def gc(self, db: MetadataStore, grace: float, dry_run: bool) -> dict[str, int]:
+        """Delete blobs no row references and leftovers of uploads, all untouched for `grace` seconds."""
+    async def verify(self, db: MetadataStore) -> tuple[list[str], dict[str, int]]:
+        """Re-hash every blob (size and sha256) and check every row against the store."""
 
 
 class TrainingStore(Protocol):
@@ -126,12 +150,34 @@ class MetadataStore(TrainingStore, Protocol):
     async def get_artifact(self, version_seq: int, fmt: str) -> Row | None: ...
     async def request_artifact(self, version_seq: int, fmt: str, when: str) -> Row:
         """The artifact row, created as a pending job if it does not exist."""
-    async def claim_job(self, when: str) -> Row | None:
-        """Mark the oldest pending job running; return it with what the converter needs."""
-    async def finish_job(self, artifact_seq: int, fields: Row, publish: Publish | None = None) -> bool:
-        """Record a job's outcome (publishing its blob first); False if the version is gone."""
-    async def requeue_running(self) -> int:
-        """Jobs left running by a dead process go back to pending; return how many."""
+    async def claim_job(self, when: str, owner: str, lease: float) -> Row | None:
+        """Lease the oldest pending job, or a running one whose lease ran out (its process died), to `owner`
+        for `lease` seconds; each job goes to exactly one claimer. Return it with what the converter needs."""
+    async def lease_owners(self) -> set[str]:
+        """The owners of running jobs' leases."""
+    async def expire_leases(self, owners: list[str]) -> int:
+        """End these owners' leases now (their processes are known to be dead); return how many jobs."""
+    async def renew_lease(self, artifact_seq: int, owner: str, lease: float) -> bool:
+        """Extend `owner`'s lease; False if the job was taken over."""
+    async def finish_job(self, artifact_seq: int, owner: str, fields: Row, publish: Publish | None = None) -> bool:
+        """Record a job's outcome (publishing its blob first) if `owner` still holds it; else False."""
+
+    # blob objects: an object store's digest -> key map, and the keys of uploads in flight
+    async def add_pending_object(self, key: str) -> None: ...
+    async def drop_pending_object(self, key: str) -> None: ...
+    async def object_key(self, digest: str) -> Row | None: ...
+    async def object_rows(self) -> list[Row]: ...
+    async def pending_keys(self) -> set[str]: ...
+    async def reap_objects(self, cutoff_age: float) -> list[str]:
+        """Forget unreferenced objects and in-flight uploads older than `cutoff_age` s; return their keys."""
+    async def publish_blob(self, publish: Publish) -> None:
+        """Run `publish` in a transaction of its own (a blob copied ahead of its rows)."""
+    async def export_rows(self) -> dict[str, list[Row]]:
+        """Every row of models, versions, artifacts and api_keys (`migrate`'s source)."""
+    async def link_secret(self) -> bytes:
+        """The download-link signing key, made on first use, the same for every process of the registry."""
+    async def rotate_link_secret(self) -> None:
+        """Replace the signing key; links signed with the old one stop working everywhere at once."""
 
     # storage accounting (gc, verify)
     async def referenced_digests(self) -> set[str]: ...
@@ -150,10 +196,52 @@ class MetadataStore(TrainingStore, Protocol):
     async def count_active_keys(self) -> int: ...
 
 
-async def open_stores(data_dir: Path) -> tuple[MetadataStore, BlobStore]:
-    """The stores of one data directory: SQLite metadata and local blobs."""
-    from .local import LocalBlobStore
-    from .sqlite import SQLiteStore
+_SCALE_HINT = "pip install 'octomil-lite[scale]'"
 
-    blobs = LocalBlobStore(data_dir)
-    return await SQLiteStore.open(data_dir / "registry.sqlite3"), blobs
+
+def _require(module: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise StorageError(f"This storage configuration needs the Python package '{module}'; {_SCALE_HINT}.")
+
+
+async def open_metadata(config: Config) -> MetadataStore:
+    """`sqlite:///PATH` (default: the data directory's registry.sqlite3) or `postgresql://…`."""
+    url = config.database or f"sqlite:///{config.data_dir / 'registry.sqlite3'}"
+    if url.startswith(("postgresql://", "postgres://")):
+        _require("asyncpg")
+        from .postgres import PostgresStore
+
+        return await PostgresStore.open(url)
+    if url.startswith("sqlite:///"):
+        from .sqlite import SQLiteStore
+
+        path = Path(url.removeprefix("sqlite:///")).expanduser().absolute()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return await SQLiteStore.open(path)
+    raise StorageError(f"--database takes sqlite:///PATH or postgresql://USER:PASS@HOST:PORT/DB, not '{url[:100]}'.")
+
+
+def open_blobs(config: Config, db: MetadataStore) -> BlobStore:
+    """A directory (default: the data directory's blobs/) or `s3://bucket/prefix`."""
+    if config.blobs and config.blobs.startswith("s3://"):
+        _require("obstore")
+        from .s3 import S3BlobStore
+
+        return S3BlobStore(config.blobs, db, config.data_dir / "tmp")
+    if config.blobs and "://" in config.blobs:
+        raise StorageError(f"--blobs takes a directory or s3://BUCKET/PREFIX, not '{config.blobs[:100]}'.")
+    from .local import LocalBlobStore
+
+    return LocalBlobStore(config.data_dir, Path(config.blobs).expanduser() if config.blobs else None)
+
+
+async def open_stores(config: Config) -> tuple[MetadataStore, BlobStore]:
+    """The stores a Config names: SQLite and a directory by default, PostgreSQL and S3 to scale out."""
+    db = await open_metadata(config)
+    try:
+        return db, open_blobs(config, db)
+    except BaseException:
+        await db.close()
+        raise

@@ -10,9 +10,9 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..errors import DISK_FULL
 from . import StorageError, StorageFull
@@ -20,6 +20,7 @@ from . import StorageError, StorageFull
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 FLUSH_BYTES = 4 * 1024 * 1024
 HEAD_BYTES = 64 * 1024
+CHUNK_BYTES = 1024 * 1024
 
 
 def _storage_error(exc: OSError) -> StorageError:
@@ -34,6 +35,23 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def sweep_dir(tmp: Path, older_than: float | None = None, dry_run: bool = False) -> tuple[int, int]:
+    """Delete the entries of a temp directory (all, or those untouched for `older_than` seconds)."""
+    count = freed = 0
+    now = time.time()
+    for entry in tmp.iterdir():
+        st = entry.lstat()
+        if older_than is not None and now - st.st_mtime < older_than:
+            continue
+        if not dry_run and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif not dry_run:
+            entry.unlink(missing_ok=True)
+        count += 1
+        freed += st.st_size
+    return count, freed
 
 
 class StagedBlob:
@@ -115,12 +133,56 @@ class StagedBlob:
             self._fd = None
         self.path.unlink(missing_ok=True)
 
+    def open_reader(self) -> BinaryIO:
+        return open(self.path, "rb")
+
+    @contextlib.asynccontextmanager
+    async def local_path(self) -> AsyncIterator[Path]:
+        yield self.path
+
+
+class FileSource:
+    """A download read from a local blob: the next chunk is read in a thread while this one is sent."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    async def begin(self, start: int, length: int) -> None:
+        """The descriptor is already open."""
+
+    async def chunks(self, start: int, length: int) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        offset, end = start, start + length
+        ahead = loop.run_in_executor(None, os.pread, self.fd, min(CHUNK_BYTES, end - offset), offset) \
+            if offset < end else None
+        try:
+            while ahead is not None:
+                data = await ahead
+                ahead = None
+                if not data:
+                    raise OSError(f"blob shorter than recorded ({offset} of {end} bytes)")
+                offset += len(data)
+                if offset < end:
+                    ahead = loop.run_in_executor(None, os.pread, self.fd, min(CHUNK_BYTES, end - offset), offset)
+                yield data
+        finally:
+            if ahead is not None:  # the client went away: the read in flight is not needed (its result is dropped)
+                ahead.add_done_callback(_drop)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _drop(read: asyncio.Future[bytes]) -> None:
+    if not read.cancelled():
+        read.exception()  # retrieved, so that asyncio does not log it
+
 
 class LocalBlobStore:
     """sha256-addressed files under a data directory; only ever opened by digest."""
 
-    def __init__(self, data_dir: Path):
-        self.root = data_dir / "blobs" / "sha256"
+    def __init__(self, data_dir: Path, blobs_dir: Path | None = None):
+        self.root = (blobs_dir or data_dir / "blobs") / "sha256"
         self.tmp = data_dir / "tmp"
         self.root.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -141,8 +203,11 @@ class LocalBlobStore:
         except OSError as exc:
             raise _storage_error(exc) from exc
 
-    async def commit(self, staged: StagedBlob) -> str:
-        """Move finished bytes to their final path (or drop them if already stored); return the digest."""
+    async def commit(self, staged: StagedBlob, record: Any = None) -> str:
+        """Move finished bytes to their final path (or drop them if already stored); return the digest.
+
+        Called inside the transaction that adds the row; a file's path is its digest, so nothing is recorded.
+        """
 
         def move() -> None:
             final = self.path(staged.digest)
@@ -188,6 +253,24 @@ class LocalBlobStore:
         finally:
             os.close(shard)
 
+    async def presign(self, digest: str, ttl: int) -> str | None:
+        return None  # a directory has no URLs of its own: download-url signs a link to this server
+
+    async def has(self, digest: str) -> bool:
+        return self.exists(digest)
+
+    async def open_source(self, digest: str) -> FileSource:
+        try:
+            return FileSource(self.open(digest))
+        except OSError as exc:
+            raise StorageError(f"The stored bytes of blob {digest} are missing or unreadable ({exc.strerror}); "
+                               "run 'octomil-lite verify'.") from None
+
+    @contextlib.asynccontextmanager
+    async def local_copy(self, digest: str) -> AsyncIterator[Path]:
+        """A blob as a local file (here, the blob itself: read-only)."""
+        yield self.path(digest)
+
     def exists(self, digest: str) -> bool:
         path = self.path(digest)
         return path.is_file() and not path.is_symlink() and not path.parent.is_symlink()
@@ -223,16 +306,42 @@ class LocalBlobStore:
 
     def sweep_tmp(self, older_than: float | None = None, dry_run: bool = False) -> tuple[int, int]:
         """Delete temp files (all, or those untouched for `older_than` seconds); return (count, bytes)."""
-        count = freed = 0
-        now = time.time()
-        for entry in self.tmp.iterdir():
-            st = entry.lstat()
-            if older_than is not None and now - st.st_mtime < older_than:
-                continue
-            if not dry_run and entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            elif not dry_run:
-                entry.unlink(missing_ok=True)
-            count += 1
-            freed += st.st_size
-        return count, freed
+        return sweep_dir(self.tmp, older_than, dry_run)
+
+    async def gc(self, db: Any, grace: float, dry_run: bool) -> dict[str, int]:
+        """Delete blobs no row references and temp files, both untouched for `grace` seconds."""
+        referenced = await db.referenced_digests()
+        cutoff = time.time() - grace
+        candidates = set()
+        for digest in self.digests():
+            if digest not in referenced and self.path(digest).lstat().st_mtime < cutoff:
+                candidates.add(digest)
+        if dry_run:
+            sizes = sum(self.path(d).lstat().st_size for d in candidates)
+            temps = self.sweep_tmp(older_than=grace, dry_run=True)
+            return {"blobs": len(candidates), "blob_bytes": sizes, "temp_files": temps[0], "temp_bytes": temps[1]}
+        count, freed = await db.delete_unreferenced(candidates, self.delete)
+        temps = self.sweep_tmp(older_than=grace)
+        return {"blobs": count, "blob_bytes": freed, "temp_files": temps[0], "temp_bytes": temps[1]}
+
+    async def verify(self, db: Any) -> tuple[list[str], dict[str, int]]:
+        """Re-hash every blob and check every row against the store; return (problems, counts)."""
+        problems: list[str] = []
+        stored = set(self.digests())
+        checked = checked_bytes = 0
+        for digest in sorted(stored):
+            actual, size = await asyncio.to_thread(self.rehash, digest)
+            checked, checked_bytes = checked + 1, checked_bytes + size
+            if actual != digest:
+                problems.append(f"blob {digest} is corrupt: its bytes hash to {actual}")
+        rows = await db.stored_references()
+        for row in rows:
+            where = f"model {row['model_id']} version {row['number']} ({row['format']})"
+            if row["digest"] not in stored:
+                problems.append(f"{where} points at missing blob {row['digest']}")
+            elif self.path(row["digest"]).lstat().st_size != row["size"]:
+                problems.append(f"{where} records {row['size']} bytes but blob {row['digest']} has a different size")
+        referenced = {r["digest"] for r in rows}
+        temps = self.sweep_tmp(older_than=0, dry_run=True)
+        return problems, {"blobs": checked, "bytes": checked_bytes, "rows": len(rows),
+                          "orphan_blobs": len(stored - referenced), "temp_files": temps[0]}

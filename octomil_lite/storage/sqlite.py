@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -12,78 +13,10 @@ from typing import Any
 import aiosqlite
 
 from ..errors import DISK_FULL
-from . import Conflict, Publish, Row, StorageFull
-from .training import TRAINING_TABLES, TrainingQueries
-
-MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE models (
-        seq INTEGER PRIMARY KEY,
-        id TEXT NOT NULL UNIQUE,
-        name TEXT,
-        use_case TEXT,
-        framework TEXT,
-        framework_version TEXT,
-        description TEXT,
-        is_baseline INTEGER NOT NULL DEFAULT 0,
-        round_id TEXT,
-        accuracy REAL,
-        loss REAL,
-        created_at TEXT NOT NULL,
-        next_version INTEGER NOT NULL DEFAULT 1
-    );
-    CREATE UNIQUE INDEX models_by_name ON models(name) WHERE name IS NOT NULL;
-    CREATE INDEX models_by_framework ON models(framework, seq);
-    CREATE INDEX models_by_baseline ON models(is_baseline, seq);
-    CREATE INDEX models_by_use_case ON models(use_case, seq);
-    CREATE TABLE versions (
-        seq INTEGER PRIMARY KEY,
-        model_seq INTEGER NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
-        number INTEGER NOT NULL,
-        label TEXT,
-        format TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        digest TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        description TEXT,
-        round_id TEXT,
-        accuracy REAL,
-        loss REAL,
-        input_shape TEXT,
-        uploaded_at TEXT NOT NULL,
-        UNIQUE (model_seq, number)
-    );
-    CREATE UNIQUE INDEX versions_by_label ON versions(model_seq, label) WHERE label IS NOT NULL;
-    CREATE INDEX versions_by_digest ON versions(digest);
-    CREATE TABLE artifacts (
-        seq INTEGER PRIMARY KEY,
-        version_seq INTEGER NOT NULL REFERENCES versions(seq) ON DELETE CASCADE,
-        format TEXT NOT NULL,
-        status TEXT NOT NULL,
-        reason TEXT,
-        digest TEXT,
-        size INTEGER,
-        parity TEXT,
-        signature TEXT,
-        converter TEXT,
-        updated_at TEXT NOT NULL,
-        UNIQUE (version_seq, format)
-    );
-    CREATE INDEX artifacts_by_status ON artifacts(status, seq);
-    CREATE INDEX artifacts_by_digest ON artifacts(digest);
-    CREATE TABLE api_keys (
-        seq INTEGER PRIMARY KEY,
-        name TEXT NOT NULL,
-        key_hash TEXT NOT NULL UNIQUE,
-        prefix TEXT NOT NULL,
-        scope TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        revoked_at TEXT
-    );
-    CREATE UNIQUE INDEX api_keys_active_name ON api_keys(name) WHERE revoked_at IS NULL;
-    """,
-    TRAINING_TABLES,  # 2: federated learning (storage/training.py)
-]
+from . import Conflict, Publish, Recorder, Row, StorageError, StorageFull
+from .secret import LinkSecret
+from .sqlite_schema import MIGRATIONS
+from .training import TrainingQueries
 
 _MODEL_COLUMNS = """
     m.seq, m.id, m.name, m.use_case, m.framework, m.framework_version, m.description, m.is_baseline, m.round_id,
@@ -93,8 +26,9 @@ _LATEST_JOIN = """
     LEFT JOIN versions v ON v.seq = (SELECT seq FROM versions WHERE model_seq = m.seq ORDER BY number DESC LIMIT 1)
 """
 
-_REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
-               "UNION SELECT digest FROM training_updates")
+EXPORTED_TABLES = ("models", "versions", "artifacts", "api_keys")
+REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
+              "UNION SELECT digest FROM training_updates")
 
 
 @contextmanager
@@ -150,10 +84,29 @@ def _assignments(fields: Row) -> str:
     return ", ".join(f"{name} = ?" for name in fields)
 
 
+def _recorder(conn: aiosqlite.Connection) -> Recorder:
+    async def record(digest: str, key: str, size: int) -> str:
+        """Map digest -> key in this transaction; the key already mapped wins (publish once)."""
+        cur = await conn.execute("DELETE FROM pending_objects WHERE key = ? RETURNING key", (key,))
+        if await cur.fetchone() is None:
+            raise StorageError("The upload took longer than the gc grace period and was reclaimed; upload again.")
+        cur = await conn.execute(
+            "INSERT INTO objects (digest, key, size, touched_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (digest) DO UPDATE SET touched_at = excluded.touched_at RETURNING key",
+            (digest, key, size, time.time()))
+        return str((await cur.fetchone())["key"])  # type: ignore[index]
+
+    return record
+
+
 class SQLiteStore(TrainingQueries):
     """The registry's MetadataStore on SQLite; writes are serialised through one connection."""
 
-    def __init__(self, reader: aiosqlite.Connection, writer: aiosqlite.Connection):
+    _recorder = staticmethod(_recorder)
+
+    def __init__(self, path: Path, reader: aiosqlite.Connection, writer: aiosqlite.Connection):
+        self.path = path
+        self._secret = LinkSecret(path.parent / "secret.key")
         self._reader = reader
         self._writer = writer
         self._write_lock = asyncio.Lock()
@@ -164,7 +117,7 @@ class SQLiteStore(TrainingQueries):
         writer = await _connect(path)
         await writer.execute("PRAGMA synchronous = FULL")
         reader = await _connect(path)
-        return cls(reader, writer)
+        return cls(path, reader, writer)
 
     async def close(self) -> None:
         await self._reader.close()
@@ -255,7 +208,7 @@ class SQLiteStore(TrainingQueries):
         if found is None:
             return None
         number: int = found["number"]  # type: ignore[index]
-        await publish()
+        await publish(_recorder(conn))
         cur = await conn.execute(*_insert("versions", {"model_seq": model_seq, "number": number, **row}))
         version_seq = cur.lastrowid
         if model_fields:
@@ -286,12 +239,15 @@ class SQLiteStore(TrainingQueries):
                                      (version_seq, fmt))
             return await cur.fetchone()  # type: ignore[return-value]
 
-    async def claim_job(self, when: str) -> Row | None:
-        """Mark the oldest pending artifact running and return it with what the converter needs."""
+    async def claim_job(self, when: str, owner: str, lease: float) -> Row | None:
+        """Take the oldest pending job, or a running one whose lease ran out, for `lease` seconds."""
         async with self.transaction() as conn:
+            now = time.time()
             cur = await conn.execute(
-                "UPDATE artifacts SET status = 'running', updated_at = ? WHERE seq = "
-                "(SELECT seq FROM artifacts WHERE status = 'pending' ORDER BY seq LIMIT 1) RETURNING seq", (when,))
+                "UPDATE artifacts SET status = 'running', updated_at = ?, lease_owner = ?, lease_expires = ? "
+                "WHERE seq = (SELECT seq FROM artifacts WHERE status = 'pending' OR (status = 'running' AND "
+                "(lease_expires IS NULL OR lease_expires < ?)) ORDER BY seq LIMIT 1) RETURNING seq",
+                (when, owner, now + lease, now))
             claimed = await cur.fetchone()
             if claimed is None:
                 return None
@@ -300,33 +256,94 @@ class SQLiteStore(TrainingQueries):
                 "FROM artifacts a JOIN versions v ON v.seq = a.version_seq WHERE a.seq = ?", (claimed["seq"],))  # type: ignore[index]
             return await cur.fetchone()  # type: ignore[return-value]
 
-    async def finish_job(self, artifact_seq: int, fields: Row, publish: Publish | None = None) -> bool:
-        """Record a job's outcome (publishing its blob first, atomically); False if the version is gone."""
+    async def lease_owners(self) -> set[str]:
+        return {r["lease_owner"] for r in await self._all(
+            "SELECT DISTINCT lease_owner FROM artifacts WHERE status = 'running' AND lease_owner IS NOT NULL")}
+
+    async def expire_leases(self, owners: list[str]) -> int:
+        """End the leases of processes known to be dead, so their jobs are taken over now."""
         async with self.transaction() as conn:
-            cur = await conn.execute("SELECT seq FROM artifacts WHERE seq = ?", (artifact_seq,))
+            marks = ", ".join("?" for _ in owners)
+            cur = await conn.execute(f"UPDATE artifacts SET lease_expires = 0 WHERE status = 'running' "
+                                     f"AND lease_owner IN ({marks})", owners)
+            return cur.rowcount
+
+    async def renew_lease(self, artifact_seq: int, owner: str, lease: float) -> bool:
+        """Extend a running job's lease; False if another process has taken the job over."""
+        async with self.transaction() as conn:
+            cur = await conn.execute("UPDATE artifacts SET lease_expires = ? WHERE seq = ? AND lease_owner = ? "
+                                     "AND status = 'running'", (time.time() + lease, artifact_seq, owner))
+            return cur.rowcount > 0
+
+    async def finish_job(self, artifact_seq: int, owner: str, fields: Row, publish: Publish | None = None) -> bool:
+        """Record a job's outcome if this process still holds its lease (publishing its blob first, atomically)."""
+        async with self.transaction() as conn:
+            cur = await conn.execute("SELECT seq FROM artifacts WHERE seq = ? AND lease_owner = ? "
+                                     "AND status = 'running'", (artifact_seq, owner))
             if await cur.fetchone() is None:
                 return False
             if publish is not None:
-                await publish()
-            await conn.execute(f"UPDATE artifacts SET {_assignments(fields)} WHERE seq = ?",
-                               (*fields.values(), artifact_seq))
+                await publish(_recorder(conn))
+            await conn.execute(f"UPDATE artifacts SET {_assignments(fields)}, lease_owner = NULL, "
+                               "lease_expires = NULL WHERE seq = ?", (*fields.values(), artifact_seq))
             return True
 
-    async def requeue_running(self) -> int:
-        """After a restart, jobs left running by a dead process go back to pending."""
+    # blob objects (an S3 store's digest -> object key map)
+
+    async def add_pending_object(self, key: str) -> None:
         async with self.transaction() as conn:
-            return (await conn.execute("UPDATE artifacts SET status = 'pending' WHERE status = 'running'")).rowcount
+            await conn.execute("INSERT INTO pending_objects (key, created_at) VALUES (?, ?)", (key, time.time()))
+
+    async def drop_pending_object(self, key: str) -> None:
+        async with self.transaction() as conn:
+            await conn.execute("DELETE FROM pending_objects WHERE key = ?", (key,))
+
+    async def object_key(self, digest: str) -> Row | None:
+        return await self._one("SELECT key, size FROM objects WHERE digest = ?", (digest,))
+
+    async def object_rows(self) -> list[Row]:
+        return await self._all("SELECT digest, key, size FROM objects ORDER BY digest")
+
+    async def pending_keys(self) -> set[str]:
+        return {r["key"] for r in await self._all("SELECT key FROM pending_objects")}
+
+    async def reap_objects(self, cutoff_age: float) -> list[str]:
+        """Forget unreferenced objects and in-flight uploads untouched for `cutoff_age` s; return their keys."""
+        async with self.transaction() as conn:
+            cutoff = time.time() - cutoff_age
+            cur = await conn.execute(f"DELETE FROM objects WHERE touched_at < ? AND digest NOT IN ({REFERENCED}) "
+                                     "RETURNING key", (cutoff,))
+            gone = [r["key"] for r in await cur.fetchall()]  # type: ignore[index]
+            cur = await conn.execute("DELETE FROM pending_objects WHERE created_at < ? RETURNING key", (cutoff,))
+            return gone + [r["key"] for r in await cur.fetchall()]  # type: ignore[index]
+
+    async def publish_blob(self, publish: Publish) -> None:
+        """Publish a blob with no row of its own yet (`migrate` copies bytes before the rows naming them)."""
+        async with self.transaction() as conn:
+            await publish(_recorder(conn))
+
+    async def export_rows(self) -> dict[str, list[Row]]:
+        """Every row of the registry's tables, for `migrate`."""
+        return {table: await self._all(f"SELECT * FROM {table} ORDER BY seq") for table in EXPORTED_TABLES}
+
+    async def link_secret(self) -> bytes:
+        """The signing key for download links, a file beside the database readable only by its owner; a file
+        replaced by `secret rotate` is picked up on the next use."""
+        return self._secret.current()
+
+    async def rotate_link_secret(self) -> None:
+        self._secret.rotate()
 
     # storage accounting (gc, verify)
 
     async def referenced_digests(self) -> set[str]:
-        rows = await self._all(_REFERENCED)
+        rows = await self._all(REFERENCED)
         return {r["digest"] for r in rows}
 
     async def delete_unreferenced(self, candidates: set[str], delete: Callable[[str], int]) -> tuple[int, int]:
         """Under the write lock (so no upload can publish and record meanwhile), delete candidates still unused."""
         async with self.transaction() as conn:
-            cur = await conn.execute(_REFERENCED)
+            cur = await conn.execute(REFERENCED)
             referenced = {r["digest"] for r in await cur.fetchall()}  # type: ignore[index]
             doomed = candidates - referenced
             return len(doomed), sum(delete(digest) for digest in doomed)

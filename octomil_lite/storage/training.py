@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import aiosqlite
 
-Row = dict[str, Any]
-Publish = Callable[[], Awaitable[None]]
+    from . import Publish, Recorder
 
-# Migration 2 (appended to the store's MIGRATIONS): devices, rounds, and the updates devices submit.
+Row = dict[str, Any]
+
+# Migration 3 (appended to the store's MIGRATIONS): devices, rounds, and the updates devices submit.
 TRAINING_TABLES = """
 CREATE TABLE devices (
     seq INTEGER PRIMARY KEY,
@@ -100,6 +101,7 @@ class TrainingQueries:
 
     transaction: Callable[[], AbstractAsyncContextManager[aiosqlite.Connection]]
     _add_version: Callable[..., Awaitable[tuple[int, int] | None]]
+    _recorder: Callable[..., Recorder]
     _one: Callable[..., Awaitable[Row | None]]
     _all: Callable[..., Awaitable[list[Row]]]
 
@@ -163,7 +165,7 @@ class TrainingQueries:
                 (row["device_seq"], row["base_version_seq"], row["digest"]))
             if existing := await cur.fetchone():
                 return existing  # type: ignore[return-value]
-            await publish()
+            await publish(self._recorder(conn))
             await conn.execute(*_insert("training_updates", row))
             return row
 

@@ -1,0 +1,361 @@
+"""PostgreSQL metadata (the `scale` extra): the SQLite store's schema and queries, shared by many processes."""
+
+from __future__ import annotations
+
+import functools
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from . import Conflict, Publish, Recorder, Row, StorageError
+
+REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
+
+from .postgres_schema import MIGRATIONS  # noqa: E402
+
+_MODEL_COLUMNS = """
+    m.seq, m.id, m.name, m.use_case, m.framework, m.framework_version, m.description, m.is_baseline, m.round_id,
+    m.accuracy, m.loss, m.created_at, v.digest AS digest, v.size AS size
+"""
+_LATEST_JOIN = """
+    LEFT JOIN versions v ON v.seq = (SELECT seq FROM versions WHERE model_seq = m.seq ORDER BY number DESC LIMIT 1)
+"""
+_NOW = "extract(epoch from clock_timestamp())"
+# Serialises schema upgrades of concurrently starting servers.
+_MIGRATION_LOCK = 0x6F6D6C
+
+
+def _insert(table: str, row: Row, returning: str = "") -> tuple[str, list[Any]]:
+    placeholders = ", ".join(f"${i}" for i in range(1, len(row) + 1))
+    sql = f"INSERT INTO {table} ({', '.join(row)}) VALUES ({placeholders}){returning}"
+    return sql, list(row.values())
+
+
+def _assignments(fields: Row, start: int = 1) -> str:
+    return ", ".join(f"{name} = ${i}" for i, name in enumerate(fields, start=start))
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _translated(method: F) -> F:
+    """asyncpg's unique violations leave this module as the storage Conflict the registry knows."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import asyncpg
+
+        try:
+            return await method(*args, **kwargs)
+        except asyncpg.UniqueViolationError as exc:
+            raise Conflict("The change clashes with a stored name, label or key; nothing was written.") from exc
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StorageError(f"The PostgreSQL database failed: {str(exc)[:300]}") from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _recorder(conn: Any) -> Recorder:
+    async def record(digest: str, key: str, size: int) -> str:
+        """Map digest -> key in this transaction; the key already mapped wins (publish once)."""
+        if await conn.fetchval("DELETE FROM pending_objects WHERE key = $1 RETURNING key", key) is None:
+            raise StorageError("The upload took longer than the gc grace period and was reclaimed; upload again.")
+        return str(await conn.fetchval(
+            f"INSERT INTO objects (digest, key, size, touched_at) VALUES ($1, $2, $3, {_NOW}) "
+            "ON CONFLICT (digest) DO UPDATE SET touched_at = EXCLUDED.touched_at RETURNING key", digest, key, size))
+
+    return record
+
+
+class PostgresStore:
+    """The registry's metadata store on PostgreSQL: a connection pool; row locks order concurrent writers."""
+
+    def __init__(self, pool: Any):
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, url: str) -> PostgresStore:
+        import asyncpg
+
+        try:
+            # JIT compiled these small queries on every run (a get took 4 ms instead of 0.45): off.
+            pool = await asyncpg.create_pool(url, min_size=1, max_size=10, command_timeout=60,
+                                             server_settings={"jit": "off"})
+        except (OSError, asyncpg.PostgresError) as exc:
+            raise StorageError(f"Cannot connect to the PostgreSQL database: {exc}") from None
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute("CREATE TABLE IF NOT EXISTS schema_version (applied INTEGER NOT NULL)")
+            current = await conn.fetchval("SELECT applied FROM schema_version")
+            if current is None:
+                await conn.execute("INSERT INTO schema_version VALUES (0)")
+                current = 0
+            if current > len(MIGRATIONS):
+                raise StorageError(f"The database was written by a newer octomil-lite (schema {current}); "
+                                   "upgrade octomil-lite.")
+            for number, script in enumerate(MIGRATIONS[current:], start=current + 1):
+                await conn.execute(script)
+                await conn.execute("UPDATE schema_version SET applied = $1", number)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Any]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            yield conn
+
+    async def _one(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
+        row = await self._pool.fetchrow(sql, *params)
+        return dict(row) if row is not None else None
+
+    async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
+        return [dict(r) for r in await self._pool.fetch(sql, *params)]
+
+    # models
+
+    @_translated
+    async def insert_model(self, row: Row) -> None:
+        sql, params = _insert("models", row)
+        await self._pool.execute(sql, *params)
+
+    async def get_model(self, model_id: str | None = None, *, name: str | None = None) -> Row | None:
+        column, value = ("m.id", model_id) if model_id is not None else ("m.name", name)
+        return await self._one(f"SELECT {_MODEL_COLUMNS} FROM models m {_LATEST_JOIN} WHERE {column} = $1", (value,))
+
+    async def list_models(self, limit: int, offset: int, filters: Row) -> tuple[list[Row], int]:
+        where = [f"m.{column} = ${i}" for i, column in enumerate(filters, start=1)]
+        params = [int(v) if isinstance(v, bool) else v for v in filters.values()]
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        n = len(params)
+        rows = await self._all(
+            f"SELECT {_MODEL_COLUMNS} FROM (SELECT * FROM models m {clause} ORDER BY m.seq DESC "
+            f"LIMIT ${n + 1} OFFSET ${n + 2}) m {_LATEST_JOIN} ORDER BY m.seq DESC", (*params, limit, offset))
+        total = await self._pool.fetchval(f"SELECT count(*) FROM models m {clause}", *params)
+        return rows, int(total)
+
+    @_translated
+    async def update_model(self, model_seq: int, fields: Row) -> None:
+        if fields:
+            await self._pool.execute(f"UPDATE models SET {_assignments(fields)} WHERE seq = ${len(fields) + 1}",
+                                     *fields.values(), model_seq)
+
+    async def delete_model(self, model_seq: int) -> bool:
+        return await self._pool.execute("DELETE FROM models WHERE seq = $1", model_seq) != "DELETE 0"
+
+    # versions
+
+    async def list_versions(self, model_seq: int) -> list[Row]:
+        return await self._all("SELECT * FROM versions WHERE model_seq = $1 ORDER BY number", (model_seq,))
+
+    async def get_version(self, model_seq: int, *, number: int | None = None, label: str | None = None) -> Row | None:
+        if number is not None:
+            return await self._one("SELECT * FROM versions WHERE model_seq = $1 AND number = $2", (model_seq, number))
+        if label is not None:
+            return await self._one("SELECT * FROM versions WHERE model_seq = $1 AND label = $2", (model_seq, label))
+        return await self._one("SELECT * FROM versions WHERE model_seq = $1 ORDER BY number DESC LIMIT 1",
+                               (model_seq,))
+
+    @_translated
+    async def insert_version(self, model_seq: int, row: Row, model_fields: Row, artifacts: list[Row],
+                             publish: Publish) -> int | None:
+        """Number, publish and insert in one transaction: the model row's lock orders concurrent uploads."""
+        async with self.transaction() as conn:
+            number = await conn.fetchval(
+                "UPDATE models SET next_version = next_version + 1 WHERE seq = $1 RETURNING next_version - 1",
+                model_seq)
+            if number is None:
+                return None
+            await publish(_recorder(conn))
+            sql, params = _insert("versions", {"model_seq": model_seq, "number": number, **row}, " RETURNING seq")
+            version_seq = await conn.fetchval(sql, *params)
+            if model_fields:
+                await conn.execute(f"UPDATE models SET {_assignments(model_fields)} WHERE seq = "
+                                   f"${len(model_fields) + 1}", *model_fields.values(), model_seq)
+            for artifact in artifacts:
+                sql, params = _insert("artifacts", {"version_seq": version_seq, **artifact})
+                await conn.execute(sql, *params)
+            return int(number)
+
+    async def delete_version(self, version_seq: int) -> bool:
+        return await self._pool.execute("DELETE FROM versions WHERE seq = $1", version_seq) != "DELETE 0"
+
+    # artifacts and their conversion jobs
+
+    async def list_artifacts(self, version_seq: int) -> list[Row]:
+        return await self._all("SELECT * FROM artifacts WHERE version_seq = $1 ORDER BY seq", (version_seq,))
+
+    async def get_artifact(self, version_seq: int, fmt: str) -> Row | None:
+        return await self._one("SELECT * FROM artifacts WHERE version_seq = $1 AND format = $2", (version_seq, fmt))
+
+    async def request_artifact(self, version_seq: int, fmt: str, when: str) -> Row:
+        await self._pool.execute("INSERT INTO artifacts (version_seq, format, status, updated_at) "
+                                 "VALUES ($1, $2, 'pending', $3) ON CONFLICT DO NOTHING", version_seq, fmt, when)
+        found = await self.get_artifact(version_seq, fmt)
+        assert found is not None
+        return found
+
+    async def claim_job(self, when: str, owner: str, lease: float) -> Row | None:
+        """Take the oldest pending job, or one whose lease ran out; SKIP LOCKED gives each job to one claimer."""
+        async with self.transaction() as conn:
+            seq = await conn.fetchval(
+                f"UPDATE artifacts SET status = 'running', updated_at = $1, lease_owner = $2, "
+                f"lease_expires = {_NOW} + $3 WHERE seq = (SELECT seq FROM artifacts WHERE status = 'pending' "
+                f"OR (status = 'running' AND (lease_expires IS NULL OR lease_expires < {_NOW})) "
+                f"ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING seq", when, owner, lease)
+            if seq is None:
+                return None
+            row = await conn.fetchrow(
+                "SELECT a.seq, a.format AS target, v.kind, v.format, v.digest, v.input_shape, v.seq AS version_seq "
+                "FROM artifacts a JOIN versions v ON v.seq = a.version_seq WHERE a.seq = $1", seq)
+            return dict(row)
+
+    async def lease_owners(self) -> set[str]:
+        return {r["lease_owner"] for r in await self._all(
+            "SELECT DISTINCT lease_owner FROM artifacts WHERE status = 'running' AND lease_owner IS NOT NULL")}
+
+    async def expire_leases(self, owners: list[str]) -> int:
+        """End the leases of processes known to be dead, so their jobs are taken over now."""
+        done = await self._pool.execute("UPDATE artifacts SET lease_expires = 0 WHERE status = 'running' "
+                                        "AND lease_owner = ANY($1::text[])", owners)
+        return int(done.split()[-1])
+
+    async def renew_lease(self, artifact_seq: int, owner: str, lease: float) -> bool:
+        """Extend a running job's lease; False if another process has taken the job over."""
+        done = await self._pool.execute(
+            f"UPDATE artifacts SET lease_expires = {_NOW} + $3 WHERE seq = $1 AND lease_owner = $2 "
+            "AND status = 'running'", artifact_seq, owner, lease)
+        return bool(done != "UPDATE 0")
+
+    async def finish_job(self, artifact_seq: int, owner: str, fields: Row, publish: Publish | None = None) -> bool:
+        """Record a job's outcome if this process still holds its lease (publishing its blob in the same commit)."""
+        async with self.transaction() as conn:
+            held = await conn.fetchval("SELECT seq FROM artifacts WHERE seq = $1 AND lease_owner = $2 "
+                                       "AND status = 'running' FOR UPDATE", artifact_seq, owner)
+            if held is None:
+                return False
+            if publish is not None:
+                await publish(_recorder(conn))
+            await conn.execute(f"UPDATE artifacts SET {_assignments(fields)}, lease_owner = NULL, "
+                               f"lease_expires = NULL WHERE seq = ${len(fields) + 1}", *fields.values(), artifact_seq)
+            return True
+
+    # blob objects (an S3 store's digest -> object key map)
+
+    async def add_pending_object(self, key: str) -> None:
+        await self._pool.execute(f"INSERT INTO pending_objects (key, created_at) VALUES ($1, {_NOW})", key)
+
+    async def drop_pending_object(self, key: str) -> None:
+        await self._pool.execute("DELETE FROM pending_objects WHERE key = $1", key)
+
+    async def object_key(self, digest: str) -> Row | None:
+        return await self._one("SELECT key, size FROM objects WHERE digest = $1", (digest,))
+
+    async def object_rows(self) -> list[Row]:
+        return await self._all("SELECT digest, key, size FROM objects ORDER BY digest")
+
+    async def pending_keys(self) -> set[str]:
+        return {r["key"] for r in await self._all("SELECT key FROM pending_objects")}
+
+    async def reap_objects(self, cutoff_age: float) -> list[str]:
+        """Forget unreferenced objects and in-flight uploads untouched for `cutoff_age` s; return their keys.
+
+        A committing upload holds its objects row (upserted with a fresh touched_at) or its pending row
+        locked until commit, so this DELETE either waits and then skips it, or wins and the upload fails.
+        """
+        async with self.transaction() as conn:
+            gone = await conn.fetch(
+                f"DELETE FROM objects WHERE touched_at < {_NOW} - $1 AND digest NOT IN ({REFERENCED}) "
+                "RETURNING key", cutoff_age)
+            stale = await conn.fetch(f"DELETE FROM pending_objects WHERE created_at < {_NOW} - $1 RETURNING key",
+                                     cutoff_age)
+        return [r["key"] for r in gone] + [r["key"] for r in stale]
+
+    # storage accounting (gc, verify)
+
+    async def referenced_digests(self) -> set[str]:
+        return {r["digest"] for r in await self._all(REFERENCED)}
+
+    async def delete_unreferenced(self, candidates: set[str], delete: Any) -> tuple[int, int]:
+        """A local blob directory with PostgreSQL metadata: delete candidates still unused, under a table lock."""
+        async with self.transaction() as conn:
+            await conn.execute("LOCK TABLE versions, artifacts IN SHARE MODE")
+            referenced = {r["digest"] for r in await conn.fetch(REFERENCED)}
+            doomed = candidates - referenced
+            return len(doomed), sum(delete(digest) for digest in doomed)
+
+    async def stored_references(self) -> list[Row]:
+        return await self._all(
+            "SELECT m.id AS model_id, v.number, v.format, v.digest, v.size FROM versions v "
+            "JOIN models m ON m.seq = v.model_seq UNION ALL "
+            "SELECT m.id, v.number, a.format, a.digest, a.size FROM artifacts a "
+            "JOIN versions v ON v.seq = a.version_seq "
+            "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL")
+
+    async def integrity_check(self) -> str:
+        missing = await self._pool.fetchval(
+            "SELECT count(*) FROM versions v WHERE NOT EXISTS (SELECT 1 FROM models m WHERE m.seq = v.model_seq)")
+        return "ok" if missing == 0 else f"{missing} version row(s) without a model"
+
+    # the download-link secret, one for every process
+
+    async def publish_blob(self, publish: Publish) -> None:
+        """Publish a blob with no row of its own yet (`migrate` copies bytes before the rows naming them)."""
+        async with self.transaction() as conn:
+            await publish(_recorder(conn))
+
+    @_translated
+    async def import_rows(self, tables: dict[str, list[Row]], secret: bytes) -> dict[str, int]:
+        """Copy another registry's rows, ids and numbers kept, in one transaction; rows already here are kept."""
+        added = {}
+        async with self.transaction() as conn:
+            for table, rows in tables.items():
+                added[table] = 0
+                for row in rows:
+                    if table == "artifacts" and row["status"] == "running":
+                        row = {**row, "status": "pending"}  # its process is not coming: convert it again here
+                    row = {k: v for k, v in row.items() if k not in ("lease_owner", "lease_expires")}
+                    sql, params = _insert(table, row)
+                    sql = sql.replace(") VALUES (", ") OVERRIDING SYSTEM VALUE VALUES (") + " ON CONFLICT DO NOTHING"
+                    added[table] += await conn.execute(sql, *params) != "INSERT 0 0"
+                await conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'), "
+                                   f"GREATEST((SELECT max(seq) FROM {table}), 1))")
+            await conn.execute("INSERT INTO settings (name, value) VALUES ('link_secret', $1) "
+                               "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", secret)
+        return added
+
+    async def link_secret(self) -> bytes:
+        # Read on every use (one indexed row) so a rotation by any process takes effect everywhere at once.
+        value = await self._pool.fetchval("SELECT value FROM settings WHERE name = 'link_secret'")
+        if value is None:
+            await self._pool.execute("INSERT INTO settings (name, value) VALUES ('link_secret', $1) "
+                                     "ON CONFLICT DO NOTHING", secrets.token_bytes(32))
+            value = await self._pool.fetchval("SELECT value FROM settings WHERE name = 'link_secret'")
+        return bytes(value)
+
+    async def rotate_link_secret(self) -> None:
+        await self._pool.execute("INSERT INTO settings (name, value) VALUES ('link_secret', $1) "
+                                 "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", secrets.token_bytes(32))
+
+    # api keys
+
+    @_translated
+    async def insert_key(self, row: Row) -> None:
+        sql, params = _insert("api_keys", row)
+        await self._pool.execute(sql, *params)
+
+    async def find_key(self, key_hash: str) -> Row | None:
+        return await self._one("SELECT * FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL", (key_hash,))
+
+    async def list_keys(self) -> list[Row]:
+        return await self._all("SELECT name, prefix, scope, created_at, revoked_at FROM api_keys ORDER BY seq")
+
+    async def revoke_key(self, name: str, when: str) -> bool:
+        done = await self._pool.execute("UPDATE api_keys SET revoked_at = $1 WHERE name = $2 AND revoked_at IS NULL",
+                                        when, name)
+        return bool(done != "UPDATE 0")
+
+    async def count_active_keys(self) -> int:
+        return int(await self._pool.fetchval("SELECT count(*) FROM api_keys WHERE revoked_at IS NULL"))

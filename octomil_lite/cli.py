@@ -70,24 +70,32 @@ def main() -> None:
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
 def serve(host: str, port: int, data_dir: Path | None, max_upload_size: str, rate_limit: int,
           log_level: str, access_log: bool) -> None:
-    """Run the registry server."""
+    """Run the registry server (it keeps the terminal; stop it with Ctrl-C)."""
     from .app import create_app
-    from .httpserver import run
+    from .httpserver import listen, run
 
     config = Config(data_dir=data_dir or default_data_dir(), host=host, port=port,
                     max_upload_size=_size(max_upload_size), rate_limit=rate_limit)
-
+    try:  # the port first: a start that cannot listen must not create (and lose) the first key
+        sock = listen(host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                                   "is another server running? Pick another port with --port.") from None
+    port = sock.getsockname()[1]
     try:
         key = _with_registry(config, lambda r: r.first_admin_key())
     except (OSError, RuntimeError) as exc:
+        sock.close()
         raise click.ClickException(f"cannot open the data directory {config.data_dir}: {exc}") from None
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+    url = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
     if key:
-        shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
         click.echo(f"Created the first API key (admin scope); it is shown only this once:\n\n  {key}\n\n"
-                   f"Try it:\n  curl -H 'Authorization: Bearer {key}' http://{shown}:{port}/api/v1/models\n")
+                   f"Try it:\n  curl -H 'Authorization: Bearer {key}' {url}/api/v1/models\n")
+    click.echo(f"Web page: {url}/   API docs: {url}/schema")
     click.echo(f"octomil-lite {__version__}: data in {config.data_dir}, listening on http://{host}:{port}", err=True)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(create_app(config), host=host, port=port, log_level=log_level, access_log=access_log)
+    run(create_app(config), sock, log_level=log_level, access_log=access_log)
 
 
 @main.group()

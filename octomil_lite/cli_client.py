@@ -250,12 +250,12 @@ def upload(client: Client, model_id: str, file: Path, format_: str | None, descr
 @click.argument("model_id")
 @click.argument("version")
 @click.option("--format", "format_", default=None, help="original (default), onnx, tflite, coreml, ...")
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("."), show_default=True,
-              help="File to write, or a directory to use the server's file name.")
+@click.option("--output", "-o", type=click.Path(), default=".", show_default=True,
+              help="File to write, or a directory (existing, or ending in '/') to save model_vN.ext in.")
 @click.option("--wait", "wait", type=float, default=None, metavar="SECONDS",
               help="Wait up to SECONDS for a conversion that is still pending.")
 @_connection
-def download(client: Client, model_id: str, version: str, format_: str | None, output: Path,
+def download(client: Client, model_id: str, version: str, format_: str | None, output: str,
              wait: float | None) -> None:
     """Download VERSION (a number, 'latest' or a label) of MODEL_ID; an interrupted download resumes."""
     if wait is not None and format_:

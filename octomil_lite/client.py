@@ -207,7 +207,10 @@ class Client:
 
     def download_version(self, model_id: str, version: int | str, dest: str | os.PathLike[str],
                          format: str | None = None, progress: Progress | None = None) -> Path:
-        """Download a version to dest (a file, or a directory to use the server's file name); resumes a dest.part.
+        """Download a version to dest; resumes a dest.part.
+
+        dest is a file, or a directory (one that exists, or any path ending in '/', created if need be) in which
+        the file takes the server's name, model_v<N>.<ext>.
 
         The bytes go to dest + '.part' and are renamed into place only once their sha256 matches
         X-Model-Hash. An existing .part is continued with a Range request; if the server sends the
@@ -216,7 +219,8 @@ class Client:
         path = self._version_path(model_id, version) + "/download"
         params = {"format": format} if format else {}
         target = Path(dest)
-        if target.is_dir():
+        if os.fspath(dest).endswith(("/", os.sep)) or target.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
             target = target / _filename_of(self._probe(path, params), f"model_v{version}")
         part = target.with_name(target.name + ".part")
         if not self._fetch(path, params, part, progress):

@@ -167,3 +167,20 @@ def test_help_and_the_server_commands_do_not_import_httpx() -> None:
             "print('httpx' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def run_cli(cli: Cli, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The real `octomil-lite` command in a subprocess, with the URL and key from the environment."""
+    env = {**os.environ, "OCTOMIL_LITE_URL": cli.url, "OCTOMIL_API_KEY": cli.key}
+    return subprocess.run([sys.executable, "-m", "octomil_lite.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120)
+
+
+def test_download_into_a_new_folder_ending_in_a_slash_saves_model_vn_inside(cli: Cli, tmp_path: Path) -> None:
+    model_id = cli.ok("models", "create").strip()
+    source = model_file(tmp_path / "m.pkl", 5000)
+    cli.ok("upload", model_id, str(source), "--format", "sklearn")
+    done = run_cli(cli, "download", model_id, "1", "-o", "newdir/", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(Path("newdir") / "model_v1.pkl")
+    assert (tmp_path / "newdir" / "model_v1.pkl").read_bytes() == source.read_bytes()

@@ -12,7 +12,7 @@ import click
 
 from . import __version__
 from .cli_client import CLIENT_COMMANDS
-from .config import Config, default_data_dir
+from .config import Config, default_data_dir, human_size
 from .errors import OctomilError
 
 T = TypeVar("T")
@@ -135,10 +135,6 @@ def keys_revoke(name: str, data_dir: Path | None) -> None:
     click.echo(f"revoked {name}", err=True)
 
 
-def _bytes(n: int) -> str:
-    return f"{n} B" if n < 1024 else f"{n / 1024**2:.1f} MiB" if n < 1024**3 else f"{n / 1024**3:.2f} GiB"
-
-
 @main.command()
 @click.option("--grace", default=3600.0, show_default=True, type=click.FloatRange(0),
               help="Only delete what has been untouched for this many seconds (protects uploads in flight).")
@@ -149,8 +145,12 @@ def gc(grace: float, dry_run: bool, data_dir: Path | None) -> None:
     config = Config(data_dir=data_dir or default_data_dir())
     done = _with_registry(config, lambda r: r.gc(grace, dry_run))
     verb = "would delete" if dry_run else "deleted"
-    click.echo(f"{verb} {done['blobs']} unreferenced blob(s), {_bytes(done['blob_bytes'])}; "
-               f"{done['temp_files']} temp file(s), {_bytes(done['temp_bytes'])}")
+    click.echo(f"{verb} {done['blobs']} unreferenced blob(s), {human_size(done['blob_bytes'])}; "
+               f"{done['temp_files']} temp file(s), {human_size(done['temp_bytes'])}")
+    if done["held_blobs"]:
+        click.echo(f"kept {done['held_blobs']} unreferenced blob(s), {human_size(done['held_bytes'])}, "
+                   f"untouched for less than the {grace:g} s grace period (it protects uploads in flight); "
+                   "'octomil-lite gc --grace 0' reclaims them now")
 
 
 @main.command()
@@ -161,7 +161,7 @@ def verify(data_dir: Path | None) -> None:
     problems, counts = _with_registry(config, lambda r: r.verify())
     for problem in problems:
         click.echo(f"PROBLEM: {problem}")
-    click.echo(f"checked {counts['blobs']} blob(s) ({_bytes(counts['bytes'])}) and {counts['rows']} row(s); "
+    click.echo(f"checked {counts['blobs']} blob(s) ({human_size(counts['bytes'])}) and {counts['rows']} row(s); "
                f"{counts['orphan_blobs']} unreferenced blob(s) and {counts['temp_files']} temp file(s) "
                f"(octomil-lite gc removes them); {len(problems)} problem(s)")
     if problems:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from .config import human_size
 from .schemas import FRAMEWORKS
 
 if TYPE_CHECKING:
@@ -52,13 +53,7 @@ def _print_json(value: Any) -> None:
 
 
 def _size(value: int | None) -> str:
-    if value is None:
-        return "-"
-    units = ["B", "KB", "MB", "GB", "TB"]
-    size, unit = float(value), 0
-    while size >= 1024 and unit < len(units) - 1:
-        size, unit = size / 1024, unit + 1
-    return f"{value} B" if unit == 0 else f"{size:.1f} {units[unit]}"
+    return "-" if value is None else human_size(value)
 
 
 def _text(value: Any) -> str:

@@ -9,6 +9,18 @@ from pathlib import Path
 GiB = 1024**3
 
 
+def human_size(n: int) -> str:
+    """A byte count for people, in binary units: 512 B, 4.0 KiB, 1.5 MiB, 20.0 GiB."""
+    if n < 1024:
+        return f"{n} B"
+    size, unit = float(n), "B"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        size /= 1024
+        if size < 1024:
+            break
+    return f"{size:.1f} {unit}"
+
+
 def default_data_dir() -> Path:
     """$OCTOMIL_LITE_HOME, else $XDG_DATA_HOME/octomil-lite, else ~/.local/share/octomil-lite."""
     if home := os.environ.get("OCTOMIL_LITE_HOME"):

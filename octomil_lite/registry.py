@@ -372,20 +372,31 @@ class Registry:
     # maintenance
 
     async def gc(self, grace: float, dry_run: bool) -> dict[str, int]:
-        """Delete blobs no row references and temp files, both untouched for `grace` seconds."""
+        """Delete blobs no row references and temp files, both untouched for `grace` seconds.
+
+        What is unreferenced but younger than the grace period is counted as held (held_blobs, held_bytes).
+        """
         referenced = await self.db.referenced_digests()
         cutoff = time.time() - grace
         candidates = set()
+        held = held_bytes = 0
         for digest in self.blobs.digests():
-            if digest not in referenced and self.blobs.path(digest).lstat().st_mtime < cutoff:
+            if digest in referenced:
+                continue
+            st = self.blobs.path(digest).lstat()
+            if st.st_mtime < cutoff:
                 candidates.add(digest)
+            else:
+                held, held_bytes = held + 1, held_bytes + st.st_size
         if dry_run:
             sizes = sum(self.blobs.path(d).lstat().st_size for d in candidates)
             temps = self.blobs.sweep_tmp(older_than=grace, dry_run=True)
-            return {"blobs": len(candidates), "blob_bytes": sizes, "temp_files": temps[0], "temp_bytes": temps[1]}
-        count, freed = await self.db.delete_unreferenced(candidates, self.blobs.delete)
-        temps = self.blobs.sweep_tmp(older_than=grace)
-        return {"blobs": count, "blob_bytes": freed, "temp_files": temps[0], "temp_bytes": temps[1]}
+            count, freed = len(candidates), sizes
+        else:
+            count, freed = await self.db.delete_unreferenced(candidates, self.blobs.delete)
+            temps = self.blobs.sweep_tmp(older_than=grace)
+        return {"blobs": count, "blob_bytes": freed, "temp_files": temps[0], "temp_bytes": temps[1],
+                "held_blobs": held, "held_bytes": held_bytes}
 
     async def verify(self) -> tuple[list[str], dict[str, int]]:
         """Re-hash every blob and check every row against the store; return (problems, counts)."""

@@ -92,7 +92,7 @@ def test_upload_sends_the_fields_and_download_writes_the_file(cli: Cli, tmp_path
     line = cli.ok("upload", model_id, str(source), "--format", "sklearn", "--description", "round 4",
                   "--round-id", "r4", "--accuracy", "0.93", "--loss", "0.2", "--input-shape", "1,64",
                   "--label", "best")
-    assert line.startswith(f"version 1 of {model_id}: sklearn, 2.0 MB, sha256:")
+    assert line.startswith(f"version 1 of {model_id}: sklearn, 2.0 MiB, sha256:")
     uploaded = json.loads(cli.ok("upload", model_id, str(source), "--json"))
     assert uploaded["version"] == 2
 

@@ -119,8 +119,8 @@ def _zip(names: dict[str, bytes]) -> bytes:
 
 
 @pytest.mark.parametrize(("filename", "content", "expected"), [
-    ("model.bin", b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x07sklearn.", "sklearn"),
-    ("clf.pkl", b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x0fxgboost.sklearn.", "xgboost"),
+    ("model.bin", b"\x80\x02csklearn.linear_model\nLogisticRegression\n.", "sklearn"),
+    ("clf.pkl", b"\x80\x02cxgboost.sklearn\nXGBClassifier\n.", "xgboost"),
     ("weights.pt", _zip({"archive/data.pkl": b"\x80\x02}q\x00.", "archive/version": b"3\n"}), "pytorch"),
     ("model.keras", _zip({"config.json": b"{}", "metadata.json": b"{}", "model.weights.h5": b""}), "tensorflow"),
     ("model.h5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 100, "tensorflow"),
@@ -150,6 +150,23 @@ async def test_format_contradicting_content_is_400_naming_both(api: Api, sklearn
     resp = await api.upload(model["id"], b"just some text", "m.pt", expect=400, format="pytorch")
     assert "pytorch" in resp.json()["message"]
     assert tmp_files(api) == [] and blob_files(api) == []
+
+
+async def test_a_pickle_mislabelled_by_format_is_400_naming_both_and_stores_nothing(
+        api: Api, sklearn_pickle: bytes) -> None:
+    import pickle
+
+    import torch
+
+    model = await api.create_model()
+    resp = await api.upload(model["id"], sklearn_pickle, "model.pkl", expect=400, format="pytorch")
+    message = resp.json()["message"]
+    assert "pytorch" in message and "sklearn" in message and "LogisticRegression" in message
+    net = pickle.dumps(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    resp = await api.upload(model["id"], net, "net.pkl", expect=400, format="sklearn")
+    assert "sklearn" in resp.json()["message"] and "pytorch" in resp.json()["message"]
+    assert (await api.upload(model["id"], net, "net.pkl")).json()["format"] == "pytorch"
+    assert (await api.upload(model["id"], sklearn_pickle, "m.pkl", format="sklearn")).json()["version"] == 2
 
 
 async def test_unknown_format_value_and_undetectable_content_are_400(api: Api, sklearn_pickle: bytes) -> None:

@@ -64,7 +64,7 @@ def _decode(body: bytes, schema: type[T]) -> T:
             raise BadRequest(f"The request body must be a JSON object ({problem}).") from None
         raise BadRequest(f"Invalid field '{where.rstrip('`')}': {problem}.") from None
     except msgspec.DecodeError:
-        raise BadRequest("The request body must be a JSON object.") from None
+        raise BadRequest("The request body is not valid JSON.") from None
 
 
 def _errors(*extra: int) -> dict[int, ResponseSpec]:

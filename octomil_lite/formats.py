@@ -14,6 +14,14 @@ from pathlib import Path
 from .errors import BadRequest
 from .schemas import UPLOAD_FORMATS
 
+FORMAT_NAMES = {"onnx": "an ONNX", "sklearn": "a scikit-learn", "xgboost": "an XGBoost", "lightgbm": "a LightGBM",
+                "pytorch": "a PyTorch", "tensorflow": "a TensorFlow"}
+
+
+def a_model(fmt: str) -> str:
+    """'an ONNX model', 'a PyTorch model': a format named for people, with the right article."""
+    return f"{FORMAT_NAMES.get(fmt, 'a ' + fmt)} model"
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -237,7 +245,7 @@ def resolve_format(given: str | None, sniffed: Sniffed) -> str:
         if given is None:
             raise BadRequest("Could not tell the model format from the file; pass the 'format' field "
                              f"({', '.join(UPLOAD_FORMATS)}).")
-        raise BadRequest(f"The file does not look like a {given} model: its content matches no {given} "
+        raise BadRequest(f"The file does not look like {a_model(given)}: its content matches no {given} "
                          "file layout this registry knows.")
     kind = KINDS[sniffed.kind]
     if given is None:

@@ -322,7 +322,7 @@ class Registry:
         if fmt in ("original", v["format"]):
             return Artifact(v["digest"], v["size"], f"model_v{number}{formats.KINDS[v['kind']].ext}")
         if fmt not in TARGETS:
-            raise NotFound(f"Version {number} is a {v['format']} model; it can be downloaded as original, "
+            raise NotFound(f"Version {number} is {formats.a_model(v['format'])}; it can be downloaded as original, "
                            f"{', '.join(TARGETS)}, not {fmt}.")
         artifact = (await self.db.get_artifact(v["seq"], fmt)
                     or await self.db.request_artifact(v["seq"], fmt, utc_now()))

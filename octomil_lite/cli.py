@@ -6,12 +6,12 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import click
 
 from . import __version__
-from .cli_client import CLIENT_COMMANDS
+from .cli_client import CLIENT_COMMANDS, INTERRUPTED
 from .config import Config, default_data_dir, human_size
 from .errors import OctomilError
 
@@ -51,7 +51,18 @@ data_dir_option = click.option(
          "or ~/.local/share/octomil-lite]")
 
 
-@click.group()
+class _Main(click.Group):
+    """The command group; Ctrl-C ends any command with status 130 and one line, not click's 'Aborted!' (1)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(INTERRUPTED)
+
+
+@click.group(cls=_Main)
 @click.version_option(__version__, prog_name="octomil-lite")
 def main() -> None:
     """octomil-lite: a local model registry speaking the Octomil Models API."""

@@ -27,11 +27,12 @@ _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_f
 class OctomilLiteError(Exception):
     """Any failure of a client call: an error answer from the server, or no answer at all (status 0)."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, details: list[Any] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.details = details or []  # the server's per-field details: {"key": ..., "message": ...}
 
     def __repr__(self) -> str:
         return f"OctomilLiteError({self.status}, {self.code!r}, {self.message!r})"
@@ -45,10 +46,12 @@ def _error_of(resp: httpx.Response) -> OctomilLiteError:
         body = resp.json()
     except ValueError:
         body = None
+    details = None
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         code = str(body.get("error") or code)
         message = body["message"]
-    return OctomilLiteError(resp.status_code, code, message)
+        details = body["details"] if isinstance(body.get("details"), list) else None
+    return OctomilLiteError(resp.status_code, code, message, details)
 
 
 def _form_value(value: Any) -> str:
@@ -87,6 +90,7 @@ class Client:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0):
         self.base_url = (base_url or os.environ.get("OCTOMIL_LITE_URL") or DEFAULT_URL).rstrip("/")
         key = api_key if api_key is not None else os.environ.get("OCTOMIL_API_KEY")
+        self.api_key = key or None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(base_url=f"{self.base_url}/api/v1", headers=headers,
                                   timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))

@@ -244,7 +244,8 @@ def resolve_format(given: str | None, sniffed: Sniffed) -> str:
     if sniffed.kind is None:
         if given is None:
             raise BadRequest("Could not tell the model format from the file; pass the 'format' field "
-                             f"({', '.join(UPLOAD_FORMATS)}).")
+                             f"({', '.join(UPLOAD_FORMATS)}).",
+                             details=[{"message": "not recognised", "key": "format", "source": "body"}])
         raise BadRequest(f"The file does not look like {a_model(given)}: its content matches no {given} "
                          "file layout this registry knows.")
     kind = KINDS[sniffed.kind]

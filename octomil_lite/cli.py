@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import __version__
+from . import __version__, maintenance
 from .cli_client import CLIENT_COMMANDS, INTERRUPTED
 from .config import Config, default_data_dir, human_size
 from .errors import OctomilError
@@ -82,8 +82,8 @@ def main() -> None:
 def serve(host: str, port: int, data_dir: Path | None, max_upload_size: str, rate_limit: int,
           log_level: str, access_log: bool) -> None:
     """Run the registry server (it keeps the terminal; stop it with Ctrl-C)."""
-    from .app import create_app
-    from .httpserver import listen, run
+    from .server.app import create_app
+    from .server.httpserver import listen, run
 
     config = Config(data_dir=data_dir or default_data_dir(), host=host, port=port,
                     max_upload_size=_size(max_upload_size), rate_limit=rate_limit)
@@ -154,7 +154,7 @@ def keys_revoke(name: str, data_dir: Path | None) -> None:
 def gc(grace: float, dry_run: bool, data_dir: Path | None) -> None:
     """Delete blobs that no version references, and leftover temp files."""
     config = Config(data_dir=data_dir or default_data_dir())
-    done = _with_registry(config, lambda r: r.gc(grace, dry_run))
+    done = _with_registry(config, lambda r: maintenance.gc(r.db, r.blobs, grace, dry_run))
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {done['blobs']} unreferenced blob(s), {human_size(done['blob_bytes'])}; "
                f"{done['temp_files']} temp file(s), {human_size(done['temp_bytes'])}")
@@ -169,7 +169,7 @@ def gc(grace: float, dry_run: bool, data_dir: Path | None) -> None:
 def verify(data_dir: Path | None) -> None:
     """Re-hash every blob and check every row against the store; exit 1 on any problem."""
     config = Config(data_dir=data_dir or default_data_dir())
-    problems, counts = _with_registry(config, lambda r: r.verify())
+    problems, counts = _with_registry(config, lambda r: maintenance.verify(r.db, r.blobs))
     for problem in problems:
         click.echo(f"PROBLEM: {problem}")
     click.echo(f"checked {counts['blobs']} blob(s) ({human_size(counts['bytes'])}) and {counts['rows']} row(s); "

@@ -271,3 +271,26 @@ async def test_missing_blob_on_disk_is_a_json_500(api: Api, sklearn_pickle: byte
     resp = await api.client.get(f"/api/v1/models/{model['id']}/versions/1/download", headers=api.headers)
     assert resp.status_code == 500
     assert resp.json()["error"] == "internal_error" and "verify" in resp.json()["message"]
+
+
+async def test_conversions_the_route_table_rules_out_are_impossible_from_the_start(api: Api,
+                                                                                   sklearn_pickle: bytes) -> None:
+    model = await api.create_model()
+    uploaded = (await api.upload(model["id"], sklearn_pickle, "m.pkl", formats="tflite")).json()
+    assert uploaded["formats"] == {"onnx": "pending", "tflite": "impossible", "coreml": "impossible"}
+    path = f"/api/v1/models/{model['id']}/versions/1"
+    detail = (await api.client.get(path, headers=api.headers)).json()["formats"]
+    assert detail["onnx"]["status"] == "pending"  # no worker runs here: only the table can have said it
+    for target in ("tflite", "coreml"):
+        assert detail[target]["status"] == "impossible" and "convert to ONNX only" in detail[target]["reason"]
+        resp = await api.client.get(f"{path}/download?format={target}", headers=api.headers)
+        assert resp.status_code == 404 and "retry-after" not in resp.headers
+        assert f"cannot be downloaded as {target}: " + detail[target]["reason"] in resp.json()["message"]
+    assert (await api.client.get(path, headers=api.headers)).json()["formats"] == detail  # nothing was queued
+
+    plain = b"\x80\x04\x95\n\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01a\x94K\x01s."  # {"a": 1}: no classes
+    await api.upload(model["id"], plain, "weights.pkl", format="pytorch")
+    formats = (await api.client.get(f"/api/v1/models/{model['id']}/versions/2", headers=api.headers)).json()["formats"]
+    assert {f: formats[f]["status"] for f in ("onnx", "tflite", "coreml")} == dict.fromkeys(
+        ("onnx", "tflite", "coreml"), "impossible")
+    assert "nn.Module" in formats["onnx"]["reason"]

@@ -199,6 +199,21 @@ def test_model_page_shows_versions_and_downloads_with_the_servers_file_name(
     assert tab.outside_requests() == []
 
 
+def test_formats_that_cannot_be_made_show_why_and_offer_no_convert_button(
+        tab: Tab, site: Site, sklearn_pickle: bytes) -> None:
+    model = site.create_model(framework="sklearn", description="Estimator")
+    site.upload(model["id"], sklearn_pickle)
+    tab.sign_in()
+    tab.page.locator("#models").wait_for()
+    tab.open_model(model["id"])
+    row = tab.page.locator("#versions tbody tr").first
+    for target in ("tflite", "coreml"):
+        expect(row).to_contain_text(f"{target}: cannot be converted")
+        assert row.get_by_role("button", name=f"Convert version 1 to {target}").count() == 0
+    expect(row).to_contain_text("convert to ONNX only")
+    assert tab.outside_requests() == []
+
+
 def test_upload_form_adds_a_version_with_progress(tab: Tab, site: Site, sklearn_pickle: bytes) -> None:
     model = site.create_model(framework="sklearn", description="Uploaded from the page")
     tab.sign_in()

@@ -41,6 +41,7 @@ from .storage import BlobStore, MetadataStore, Row, StagedBlob
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PENDING_RETRY_AFTER = 2
+ON_REQUEST = "converted on the first download request"
 
 
 def utc_now() -> str:
@@ -310,10 +311,8 @@ class Registry:
                                               model_hash=f"sha256:{v['digest']}", updated_at=v["uploaded_at"])}
         impossible = routes.ruled_out(v["kind"], v["format"])
         for target in TARGETS:
-            if target in impossible:
-                statuses[target] = FormatStatus(status="impossible", reason=impossible[target])
-            else:
-                statuses[target] = FormatStatus(status="on_request", reason="converted on the first download request")
+            why = impossible.get(target)
+            statuses[target] = FormatStatus(status="impossible" if why else "on_request", reason=why or ON_REQUEST)
         statuses.update({a["format"]: _format_status(a) for a in await self.db.list_artifacts(v["seq"])})
         return VersionDetail(model_id=model["id"], version=v["number"], label=v["label"], format=v["format"],
                              model_path=self.blobs.uri(v["digest"]), model_size_bytes=v["size"],

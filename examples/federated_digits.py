@@ -84,6 +84,7 @@ def run(client: Client, rounds: int, clients: int, workdir: Path, onnx_timeout: 
 
     federated = client.create_model(framework="sklearn", framework_version=sklearn.__version__,
                                     description=f"Digits: FedAvg over {clients} clients")
+    print(f"federated model {federated['id']}: one version per round")
     global_model = start
     history = []
     for round_no in range(1, rounds + 1):
@@ -101,8 +102,8 @@ def run(client: Client, rounds: int, clients: int, workdir: Path, onnx_timeout: 
     client.wait_for_format(federated["id"], best["version"], "onnx", timeout=onnx_timeout)
     onnx_path = client.download_version(federated["id"], best["version"], workdir, format="onnx")
     agreement = onnx_agreement(onnx_path, best["estimator"], x_test)
-    print(f"best: round {best['round']} (version {best['version']}), {onnx_path.name} agrees with scikit-learn "
-          f"on {agreement:.1%} of {len(x_test)} test digits")
+    print(f"best: round {best['round']} (version {best['version']} of {federated['id']}), {onnx_path.name} agrees "
+          f"with scikit-learn on {agreement:.1%} of {len(x_test)} test digits")
     return {"baseline_id": baseline["id"], "federated_id": federated["id"], "best_round": best["round"],
             "best_version": best["version"], "rounds": [{k: v for k, v in h.items() if k != "estimator"}
                                                         for h in history], "onnx_agreement": agreement}

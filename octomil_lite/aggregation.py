@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from . import storage
+from .convert.routes import NO_GRAPH
 from .convert.sandbox import Limits
 from .errors import Conflict, NotFound
 from .schemas import Aggregate
@@ -17,7 +18,6 @@ if TYPE_CHECKING:
     from .federated import Federated
 
 Row = dict[str, Any]
-NO_GRAPH = "an .npz of weights has no model graph to convert"
 EXTENSIONS = {"torch": ".pt", "npz": ".npz"}
 
 

@@ -12,9 +12,9 @@ import click
 
 from . import __version__, maintenance
 from .auth import SCOPES
-from .cli_client import CLIENT_COMMANDS
+from .cli_client import CLIENT_COMMANDS, INTERRUPTED
 from .cli_training import TRAINING_COMMANDS
-from .config import Config, default_data_dir
+from .config import Config, default_data_dir, human_size
 from .errors import OctomilError
 
 T = TypeVar("T")
@@ -83,7 +83,18 @@ def _config(data_dir: Path | None, database: str | None, blobs: str | None, **se
     return Config(data_dir=data_dir or default_data_dir(), database=database, blobs=blobs, **settings)
 
 
-@click.group()
+class _Main(click.Group):
+    """The command group; Ctrl-C ends any command with status 130 and one line, not click's 'Aborted!' (1)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            ctx.exit(INTERRUPTED)
+
+
+@click.group(cls=_Main)
 @click.version_option(__version__, prog_name="octomil-lite")
 def main() -> None:
     """octomil-lite: a local model registry speaking the Octomil Models API."""
@@ -109,26 +120,35 @@ def main() -> None:
 def serve(host: str, port: int, data_dir: Path | None, database: str | None, blobs: str | None,
           max_upload_size: str, rate_limit: int, max_link_age: str, log_level: str, access_log: bool,
           presigned_downloads: bool, conversion_lease: float) -> None:
-    """Run the registry server (several may share one PostgreSQL database and bucket)."""
+    """Run the registry server (it keeps the terminal; stop it with Ctrl-C). Several may share one PostgreSQL
+    database and bucket."""
     from .server.app import create_app
-    from .server.httpserver import run
+    from .server.httpserver import listen, run
 
     config = _config(data_dir, database, blobs, host=host, port=port, max_upload_size=_size(max_upload_size),
                      rate_limit=rate_limit, max_link_age=_duration(max_link_age), conversion_lease=conversion_lease,
                      presigned_downloads=presigned_downloads)
-
+    try:  # the port first: a start that cannot listen must not create (and lose) the first key
+        sock = listen(host, port)
+    except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                                   "is another server running? Pick another port with --port.") from None
+    port = sock.getsockname()[1]
     try:
         key = _with_registry(config, lambda r: r.first_admin_key())
     except (OSError, RuntimeError) as exc:
+        sock.close()
         raise click.ClickException(f"cannot open the registry's storage ({config.data_dir}): {exc}") from None
+    shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
+    url = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
     if key:
-        shown = "localhost" if host in ("127.0.0.1", "0.0.0.0", "::") else host
         click.echo(f"Created the first API key (admin scope); it is shown only this once:\n\n  {key}\n\n"
-                   f"Try it:\n  curl -H 'Authorization: Bearer {key}' http://{shown}:{port}/api/v1/models\n")
+                   f"Try it:\n  curl -H 'Authorization: Bearer {key}' {url}/api/v1/models\n")
+    click.echo(f"Web page: {url}/   API docs: {url}/schema")
     where = ", ".join(filter(None, [str(config.data_dir), database and database.split("@")[-1], blobs]))
     click.echo(f"octomil-lite {__version__}: data in {where}, listening on http://{host}:{port}", err=True)
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(create_app(config), host=host, port=port, log_level=log_level, access_log=access_log)
+    run(create_app(config), sock, log_level=log_level, access_log=access_log)
 
 
 @main.group()
@@ -186,10 +206,6 @@ def secret_rotate(data_dir: Path | None, database: str | None, blobs: str | None
     click.echo("rotated the download-link secret; every link made before now is invalid", err=True)
 
 
-def _bytes(n: int) -> str:
-    return f"{n} B" if n < 1024 else f"{n / 1024**2:.1f} MiB" if n < 1024**3 else f"{n / 1024**3:.2f} GiB"
-
-
 @main.command()
 @click.option("--grace", default=3600.0, show_default=True, type=click.FloatRange(0),
               help="Only delete what has been untouched for this many seconds (protects uploads in flight).")
@@ -200,8 +216,12 @@ def gc(grace: float, dry_run: bool, data_dir: Path | None, database: str | None,
     config = _config(data_dir, database, blobs)
     done = _with_registry(config, lambda r: maintenance.gc(r.db, r.blobs, grace, dry_run))
     verb = "would delete" if dry_run else "deleted"
-    click.echo(f"{verb} {done['blobs']} unreferenced blob(s), {_bytes(done['blob_bytes'])}; "
-               f"{done['temp_files']} temp file(s), {_bytes(done['temp_bytes'])}")
+    click.echo(f"{verb} {done['blobs']} unreferenced blob(s), {human_size(done['blob_bytes'])}; "
+               f"{done['temp_files']} temp file(s), {human_size(done['temp_bytes'])}")
+    if done["held_blobs"]:
+        click.echo(f"kept {done['held_blobs']} unreferenced blob(s), {human_size(done['held_bytes'])}, "
+                   f"untouched for less than the {grace:g} s grace period (it protects uploads in flight); "
+                   "'octomil-lite gc --grace 0' reclaims them now")
 
 
 @main.command()
@@ -230,7 +250,7 @@ def verify(data_dir: Path | None, database: str | None, blobs: str | None) -> No
     problems, counts = _with_registry(config, lambda r: maintenance.verify(r.db, r.blobs))
     for problem in problems:
         click.echo(f"PROBLEM: {problem}")
-    click.echo(f"checked {counts['blobs']} blob(s) ({_bytes(counts['bytes'])}) and {counts['rows']} row(s); "
+    click.echo(f"checked {counts['blobs']} blob(s) ({human_size(counts['bytes'])}) and {counts['rows']} row(s); "
                f"{counts['orphan_blobs']} unreferenced blob(s) and {counts['temp_files']} temp file(s) "
                f"(octomil-lite gc removes them); {len(problems)} problem(s)")
     if problems:

@@ -15,14 +15,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from .config import human_size
 from .schemas import FRAMEWORKS
 
 if TYPE_CHECKING:
-    from .client import Client, Progress
+    from .client import Client, OctomilLiteError, Progress
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 UPLOAD_FORMATS = ("pytorch", "tensorflow", "onnx", "sklearn", "xgboost", "lightgbm", "numpy")
+INTERRUPTED = 130  # the shell's exit status for a command stopped by Ctrl-C (128 + SIGINT)
 
 
 def _connection(command: F) -> F:
@@ -35,13 +37,26 @@ def _connection(command: F) -> F:
     def wrapper(url: str | None, api_key: str | None, **kwargs: Any) -> Any:
         from .client import Client, OctomilLiteError
 
+        client = Client(url, api_key)
         try:
-            with Client(url, api_key) as client:
+            with client:
                 return command(client, **kwargs)
         except OctomilLiteError as exc:
-            raise click.ClickException(exc.message) from None
+            raise click.ClickException(_cli_message(exc, client.base_url, client.api_key is not None)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _cli_message(exc: OctomilLiteError, url: str, had_key: bool) -> str:
+    """The server's message, in the CLI's own terms where it names HTTP headers or form fields."""
+    if exc.status == 401:
+        if not had_key:
+            return ("No API key: set OCTOMIL_API_KEY or pass --api-key "
+                    "(make one with: octomil-lite keys create --name NAME).")
+        return f"The registry at {url} refused the API key; set OCTOMIL_API_KEY or pass --api-key with a valid one."
+    if exc.status == 400 and any(d.get("key") == "format" for d in exc.details if isinstance(d, dict)):
+        return f"Could not tell the model format from the file; pass --format ({', '.join(UPLOAD_FORMATS)})."
+    return exc.message
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -52,13 +67,7 @@ def _print_json(value: Any) -> None:
 
 
 def _size(value: int | None) -> str:
-    if value is None:
-        return "-"
-    units = ["B", "KB", "MB", "GB", "TB"]
-    size, unit = float(value), 0
-    while size >= 1024 and unit < len(units) - 1:
-        size, unit = size / 1024, unit + 1
-    return f"{value} B" if unit == 0 else f"{size:.1f} {units[unit]}"
+    return "-" if value is None else human_size(value)
 
 
 def _text(value: Any) -> str:
@@ -92,9 +101,9 @@ def _print_model(model: dict[str, Any]) -> None:
     versions = model.get("versions")
     if versions:
         click.echo()
-        _table(["VERSION", "FORMAT", "SIZE", "UPLOADED", "DESCRIPTION"],
-               [[str(v["version"]), v["format"], _size(v["model_size_bytes"]), v["uploaded_at"],
-                 _short(v.get("description"))] for v in versions])
+        _table(["VERSION", "LABEL", "FORMAT", "SIZE", "UPLOADED", "DESCRIPTION"],
+               [[str(v["version"]), _text(v.get("label")), v["format"], _size(v["model_size_bytes"]),
+                 v["uploaded_at"], _short(v.get("description"))] for v in versions])
 
 
 def _show(model: dict[str, Any], as_json: bool) -> None:
@@ -250,12 +259,12 @@ def upload(client: Client, model_id: str, file: Path, format_: str | None, descr
 @click.argument("model_id")
 @click.argument("version")
 @click.option("--format", "format_", default=None, help="original (default), onnx, tflite, coreml, ...")
-@click.option("--output", "-o", type=click.Path(path_type=Path), default=Path("."), show_default=True,
-              help="File to write, or a directory to use the server's file name.")
+@click.option("--output", "-o", type=click.Path(), default=".", show_default=True,
+              help="File to write, or a directory (existing, or ending in '/') to save model_vN.ext in.")
 @click.option("--wait", "wait", type=float, default=None, metavar="SECONDS",
               help="Wait up to SECONDS for a conversion that is still pending.")
 @_connection
-def download(client: Client, model_id: str, version: str, format_: str | None, output: Path,
+def download(client: Client, model_id: str, version: str, format_: str | None, output: str,
              wait: float | None) -> None:
     """Download VERSION (a number, 'latest' or a label) of MODEL_ID; an interrupted download resumes."""
     if wait is not None and format_:
@@ -264,7 +273,8 @@ def download(client: Client, model_id: str, version: str, format_: str | None, o
         with _progress_bar(f"downloading v{version}") as progress:
             path = client.download_version(model_id, version, output, format=format_, progress=progress)
     except KeyboardInterrupt:
-        raise click.ClickException("Interrupted; run the same command again to resume the download.") from None
+        click.echo("Interrupted; run the same command again to resume the download.", err=True)
+        raise SystemExit(INTERRUPTED) from None
     click.echo(str(path))
 
 

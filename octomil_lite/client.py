@@ -27,11 +27,12 @@ _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_f
 class OctomilLiteError(Exception):
     """Any failure of a client call: an error answer from the server, or no answer at all (status 0)."""
 
-    def __init__(self, status: int, code: str, message: str):
+    def __init__(self, status: int, code: str, message: str, details: list[Any] | None = None):
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.details = details or []  # the server's per-field details: {"key": ..., "message": ...}
 
     def __repr__(self) -> str:
         return f"OctomilLiteError({self.status}, {self.code!r}, {self.message!r})"
@@ -45,10 +46,12 @@ def _error_of(resp: httpx.Response) -> OctomilLiteError:
         body = resp.json()
     except ValueError:
         body = None
+    details = None
     if isinstance(body, dict) and isinstance(body.get("message"), str):
         code = str(body.get("error") or code)
         message = body["message"]
-    return OctomilLiteError(resp.status_code, code, message)
+        details = body["details"] if isinstance(body.get("details"), list) else None
+    return OctomilLiteError(resp.status_code, code, message, details)
 
 
 def _form_value(value: Any) -> str:
@@ -87,6 +90,7 @@ class Client:
     def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout: float = 60.0):
         self.base_url = (base_url or os.environ.get("OCTOMIL_LITE_URL") or DEFAULT_URL).rstrip("/")
         key = api_key if api_key is not None else os.environ.get("OCTOMIL_API_KEY")
+        self.api_key = key or None
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(base_url=f"{self.base_url}/api/v1", headers=headers,
                                   timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)))
@@ -207,7 +211,10 @@ class Client:
 
     def download_version(self, model_id: str, version: int | str, dest: str | os.PathLike[str],
                          format: str | None = None, progress: Progress | None = None) -> Path:
-        """Download a version to dest (a file, or a directory to use the server's file name); resumes a dest.part.
+        """Download a version to dest; resumes a dest.part.
+
+        dest is a file, or a directory (one that exists, or any path ending in '/', created if need be) in which
+        the file takes the server's name, model_v<N>.<ext>.
 
         The bytes go to dest + '.part' and are renamed into place only once their sha256 matches
         X-Model-Hash. An existing .part is continued with a Range request; if the server sends the
@@ -216,7 +223,8 @@ class Client:
         path = self._version_path(model_id, version) + "/download"
         params = {"format": format} if format else {}
         target = Path(dest)
-        if target.is_dir():
+        if os.fspath(dest).endswith(("/", os.sep)) or target.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
             target = target / _filename_of(self._probe(path, params), f"model_v{version}")
         part = target.with_name(target.name + ".part")
         if not self._fetch(path, params, part, progress):

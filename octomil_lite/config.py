@@ -7,6 +7,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 GiB = 1024**3
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def human_size(n: int) -> str:
+    """A byte count for people, in binary units: 512 B, 4.0 KiB, 1.5 MiB, 20.0 GiB."""
+    size, unit = float(n), 0
+    while size >= 1024 and unit < len(_UNITS) - 1:
+        size, unit = size / 1024, unit + 1
+    if unit == 0:
+        return f"{n} B"
+    return f"{size:.1f} {_UNITS[unit]}"
 
 
 def default_data_dir() -> Path:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -14,6 +16,14 @@ from .errors import BadRequest
 from .schemas import UPLOAD_FORMATS
 
 Opener = Callable[[], BinaryIO]  # a fresh seekable reader over the uploaded bytes (a local file or an object)
+
+FORMAT_NAMES = {"onnx": "an ONNX", "sklearn": "a scikit-learn", "xgboost": "an XGBoost", "lightgbm": "a LightGBM",
+                "pytorch": "a PyTorch", "tensorflow": "a TensorFlow"}
+
+
+def a_model(fmt: str) -> str:
+    """'an ONNX model', 'a PyTorch model': a format named for people, with the right article."""
+    return f"{FORMAT_NAMES.get(fmt, 'a ' + fmt)} model"
 
 
 @dataclass(frozen=True)
@@ -45,8 +55,13 @@ KINDS: dict[str, Kind] = {
     "numpy-npz": Kind(".npz", "a NumPy .npz archive of weights", ("numpy",)),
 }
 
-_PICKLE_FRAMEWORKS = ((b"sklearn", "sklearn"), (b"xgboost", "xgboost"), (b"lightgbm", "lightgbm"),
-                      (b"torch", "pytorch"))
+# The formats a pickled class's module shows, most specific first; sklearn-API wrappers are sklearn models too.
+_MODULE_FORMATS = (("xgboost.sklearn", ("xgboost", "sklearn")), ("lightgbm.sklearn", ("lightgbm", "sklearn")),
+                   ("sklearn", ("sklearn",)), ("xgboost", ("xgboost",)), ("lightgbm", ("lightgbm",)),
+                   ("torch", ("pytorch",)))
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "BINUNICODE", "SHORT_BINUNICODE",
+               "BINUNICODE8"}
+_NO_PUSH_OPS = {"PROTO", "FRAME", "MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT", "STOP", "POP", "POP_MARK", "MARK"}
 _TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
 _ONNX_FIELDS = {1: 0, 2: 2, 3: 2, 4: 2, 5: 0, 6: 2, 7: 2, 8: 2, 14: 2, 20: 2, 25: 2, 26: 2}
 _MAX_ZIP_DIRECTORY = 16 * 1024 * 1024
@@ -54,10 +69,12 @@ _MAX_ZIP_DIRECTORY = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Sniffed:
-    """What the bytes look like: a kind (or None) and, for pickles, the framework they name."""
+    """What the bytes look like: a kind (or None) and, for pickles, the framework they name and the framework
+    classes (module.name) seen in their first bytes."""
 
     kind: str | None
     framework: str | None = None
+    classes: tuple[str, ...] = ()
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -95,9 +112,53 @@ def looks_like_onnx(head: bytes, size: int) -> bool:
     return bool(seen & {1, 7}) and (pos == size or pos >= len(head))
 
 
-def _pickle_framework(data: bytes) -> str | None:
-    found = [(data.find(needle), name) for needle, name in _PICKLE_FRAMEWORKS if needle in data]
-    return min(found)[1] if found else None
+def _module_formats(qualname: str) -> tuple[str, ...]:
+    for prefix, shown in _MODULE_FORMATS:
+        if qualname == prefix or qualname.startswith(prefix + "."):
+            return shown
+    return ()
+
+
+def pickle_classes(data: bytes) -> list[str]:
+    """The module.name of every class a pickle's GLOBAL/STACK_GLOBAL opcodes import, as far as `data` reaches.
+
+    Only opcodes are decoded (pickletools), nothing is imported or built; a truncated tail ends the scan.
+    """
+    found: list[str] = []
+    recent: list[str | None] = [None, None]  # the last two values pushed, when they are strings
+    memo: dict[int, str | None] = {}
+    try:
+        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
+            name = op.name
+            if name == "GLOBAL":
+                found.append(str(arg).replace(" ", ".", 1))
+                recent.append(None)
+            elif name == "STACK_GLOBAL":
+                module, attr = recent[-2], recent[-1]
+                if module is not None and attr is not None:
+                    found.append(f"{module}.{attr}")
+                recent.append(None)
+            elif name in _STRING_OPS:
+                recent.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                recent.append(memo.get(int(arg)))
+            elif name == "MEMOIZE":
+                memo[len(memo)] = recent[-1]
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = recent[-1]
+            elif name not in _NO_PUSH_OPS:
+                recent.append(None)
+            del recent[:-2]
+    except ValueError:  # the prefix ends mid-opcode, or the bytes stop being a pickle
+        pass
+    return found
+
+
+def _pickled(kind: str, data: bytes, default: str) -> Sniffed:
+    """A pickle's kind, the framework its classes name first (else default) and those framework classes."""
+    classes = tuple(dict.fromkeys(c for c in pickle_classes(data) if _module_formats(c)))
+    framework = _module_formats(classes[0])[0] if classes else default
+    return Sniffed(kind, framework, classes)
 
 
 def _zip_names(open_file: Opener, size: int) -> list[str] | None:
@@ -151,15 +212,14 @@ def sniff(head: bytes, open_file: Opener, size: int, filename: str) -> Sniffed:
     if head.startswith(_TORCH_LEGACY_MAGIC):
         return Sniffed("torch-legacy", "pytorch")
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        framework = _pickle_framework(head) or ("pytorch" if ext in (".pt", ".pth") else "sklearn")
-        return Sniffed("pickle", framework)
+        return _pickled("pickle", head, "pytorch" if ext in (".pt", ".pth") else "sklearn")
     if head.startswith((b"\x78\x01", b"\x78\x5e", b"\x78\x9c", b"\x78\xda", b"\x1f\x8b")):
         try:
             inflated = zlib.decompressobj(zlib.MAX_WBITS | 32).decompress(head, 64 * 1024)
         except zlib.error:
             inflated = b""
         if inflated[:1] == b"\x80":
-            return Sniffed("joblib", _pickle_framework(inflated) or "sklearn")
+            return _pickled("joblib", inflated, "sklearn")
         return Sniffed(None)
     if head.startswith((b"BZh", b"\xfd7zXZ\x00", b"\x04\x22\x4d\x18")) and ext == ".joblib":
         return Sniffed("joblib", "sklearn")
@@ -190,8 +250,9 @@ def resolve_format(given: str | None, sniffed: Sniffed) -> str:
     if sniffed.kind is None:
         if given is None:
             raise BadRequest("Could not tell the model format from the file; pass the 'format' field "
-                             f"({', '.join(UPLOAD_FORMATS)}).")
-        raise BadRequest(f"The file does not look like a {given} model: its content matches no {given} "
+                             f"({', '.join(UPLOAD_FORMATS)}).",
+                             details=[{"message": "not recognised", "key": "format", "source": "body"}])
+        raise BadRequest(f"The file does not look like {a_model(given)}: its content matches no {given} "
                          "file layout this registry knows.")
     kind = KINDS[sniffed.kind]
     if given is None:
@@ -199,4 +260,9 @@ def resolve_format(given: str | None, sniffed: Sniffed) -> str:
     if given not in kind.formats:
         raise BadRequest(f"Field 'format' says {given}, but the file's content is {kind.label} "
                          f"({' or '.join(kind.formats)}).")
+    shown = {f for c in sniffed.classes for f in _module_formats(c)}
+    if shown and given not in shown:
+        raise BadRequest(f"Field 'format' says {given}, but the file is {kind.label} of "
+                         f"{' and '.join(sorted(shown))} classes ({', '.join(sniffed.classes[:3])}); "
+                         f"pass format={sniffed.framework} or leave it out.")
     return given

@@ -11,7 +11,8 @@ from .storage import BlobStore, MetadataStore
 
 
 async def gc(db: MetadataStore, blobs: BlobStore, grace: float, dry_run: bool) -> dict[str, int]:
-    """Delete blobs no row references and leftovers of uploads, all untouched for `grace` seconds."""
+    """Delete blobs no row references and leftovers of uploads, all untouched for `grace` seconds; what is
+    unreferenced but younger than the grace period is counted as held (held_blobs, held_bytes)."""
     return await blobs.gc(db, grace, dry_run)
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import msgspec
 
 from . import auth, formats, storage
-from .aggregation import NO_GRAPH
 from .config import Config
+from .convert import routes
 from .convert.pool import TARGETS, ConversionPool
 from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .errors import BadRequest, Conflict, Forbidden, NotFound
@@ -39,6 +39,7 @@ from .storage import BlobStore, MetadataStore, Row, StagedBlob
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PENDING_RETRY_AFTER = 2
+ON_REQUEST = "converted on the first download request"
 LINK_CLOCK_SLACK = 60  # seconds a link's expiry may exceed the limit (clock steps between signing and use)
 
 
@@ -231,16 +232,16 @@ class Registry:
         if form.label is not None and await self.db.get_version(row["seq"], label=form.label):
             raise Conflict(f"Model '{row['id']}' already has a version labelled '{form.label}'.")
         now = utc_now()
-        artifacts = [{"format": t, "status": "pending", "updated_at": now} for t in form.targets if t != "onnx"]
+        impossible = routes.ruled_out(sniffed.kind, fmt)
+        artifacts = [{"format": t, "status": "pending", "updated_at": now}
+                     for t in form.targets if t != "onnx" and t not in impossible]
         if sniffed.kind == "onnx":
             staged, signature = await self._checked_onnx(staged, files.get("onnx_data"))
             artifacts.append({"format": "onnx", "status": "ready", "digest": staged.digest, "size": staged.size,
                               "signature": json.dumps(signature), "converter": "original upload", "updated_at": now})
         elif "onnx_data" in files:
             raise BadRequest("An 'onnx_data' part only goes with an ONNX model in 'file'.")
-        elif sniffed.kind == "numpy-npz":
-            artifacts = [{"format": "onnx", "status": "impossible", "reason": NO_GRAPH, "updated_at": now}]
-        else:
+        elif "onnx" not in impossible:
             artifacts.append({"format": "onnx", "status": "pending", "updated_at": now})
         version = {"label": form.label, "format": fmt, "kind": sniffed.kind, "digest": staged.digest,
                    "size": staged.size, "description": form.description, "round_id": form.round_id,
@@ -263,7 +264,8 @@ class Registry:
         return UploadedVersion(model_id=row["id"], version=number, label=form.label, format=fmt,
                                model_path=self.blobs.uri(staged.digest), model_size_bytes=staged.size,
                                model_hash=f"sha256:{staged.digest}", description=form.description, uploaded_at=now,
-                               formats={a["format"]: a["status"] for a in artifacts})
+                               formats={**dict.fromkeys(impossible, "impossible"),
+                                        **{a["format"]: a["status"] for a in artifacts}})
 
     async def _checked_onnx(self, staged: StagedBlob, data: UploadedFile | None) -> tuple[StagedBlob, Any]:
         """Validate an ONNX upload in a child; with external weights, fold them into one self-contained file."""
@@ -305,8 +307,10 @@ class Registry:
         model, v = await self._version_row(model_id, ref)
         statuses = {v["format"]: FormatStatus(status="ready", model_size_bytes=v["size"],
                                               model_hash=f"sha256:{v['digest']}", updated_at=v["uploaded_at"])}
+        impossible = routes.ruled_out(v["kind"], v["format"])
         for target in TARGETS:
-            statuses[target] = FormatStatus(status="on_request", reason="converted on the first download request")
+            why = impossible.get(target)
+            statuses[target] = FormatStatus(status="impossible" if why else "on_request", reason=why or ON_REQUEST)
         statuses.update({a["format"]: _format_status(a) for a in await self.db.list_artifacts(v["seq"])})
         return VersionDetail(model_id=model["id"], version=v["number"], label=v["label"], format=v["format"],
                              model_path=self.blobs.uri(v["digest"]), model_size_bytes=v["size"],
@@ -327,10 +331,12 @@ class Registry:
         if fmt in ("original", v["format"]):
             return Artifact(v["digest"], v["size"], f"model_v{number}{formats.KINDS[v['kind']].ext}")
         if fmt not in TARGETS:
-            raise NotFound(f"Version {number} is a {v['format']} model; it can be downloaded as original, "
+            raise NotFound(f"Version {number} is {formats.a_model(v['format'])}; it can be downloaded as original, "
                            f"{', '.join(TARGETS)}, not {fmt}.")
-        artifact = (await self.db.get_artifact(v["seq"], fmt)
-                    or await self.db.request_artifact(v["seq"], fmt, utc_now()))
+        artifact = await self.db.get_artifact(v["seq"], fmt)
+        if artifact is None and (reason := routes.impossible_reason(v["kind"], fmt, v["format"])) is not None:
+            raise NotFound(f"Version {number} cannot be downloaded as {fmt}: {reason}")
+        artifact = artifact or await self.db.request_artifact(v["seq"], fmt, utc_now())
         status = artifact["status"]
         if status == "ready":
             return Artifact(artifact["digest"], artifact["size"], f"model_v{number}{TARGETS[fmt]}")

@@ -574,21 +574,44 @@ def test_parity_and_signature_are_shown_per_format(matrix: Matrix) -> None:
     assert matrix.reg.wait(forest.model_id, forest.version, "onnx")["parity"]["tolerance"] == 1e-3
 
 
+def upload_answer_formats(name: str) -> dict[str, str]:
+    """What an upload answers for each source: ONNX started, and what its kind can never become impossible."""
+    if name == "model.onnx":
+        return {"onnx": "ready", "tflite": "impossible", "coreml": "impossible"}
+    if name == "pickled-module.pkl":  # a pickle declared pytorch: a whole nn.Module, convertible to nothing
+        return {"onnx": "impossible", "tflite": "impossible", "coreml": "impossible"}
+    if name.startswith(("torch-export", "torchscript")):
+        return {"onnx": "pending", "tflite": "impossible"}
+    if name.startswith(("state_dict", "pickled-module", "keras", "savedmodel", "zip-bomb")):
+        return {"onnx": "pending"}
+    return {"onnx": "pending", "tflite": "impossible", "coreml": "impossible"}  # the estimators
+
+
 def test_onnx_starts_at_upload_and_tflite_coreml_on_first_download(matrix: Matrix) -> None:
     seen = matrix.seen
     for name, src in matrix.sources.items():
-        expected = "ready" if name == "model.onnx" else "pending"
-        assert src.uploaded["formats"] == {"onnx": expected}, (name, src.uploaded)
-    # Right after an upload: ONNX queued, TFLite and Core ML not started until someone asks for them.
-    for what in ("sklearn detail after upload", "keras detail after upload"):
-        if what in seen:
-            before = seen[what]["formats"]
-            assert before["onnx"]["status"] in ("pending", "running"), before
-            assert before["tflite"]["status"] == before["coreml"]["status"] == "on_request", before
-            assert before["tflite"]["reason"] == "converted on the first download request"
-    # While pending: 404 not_found saying so, with Retry-After.
-    pending = [w for w in seen if w.startswith("first request") or w.endswith("while pending")]
-    assert {"sklearn onnx while pending", "first request sklearn-pipeline.pkl->tflite"} <= set(pending)
+        assert src.uploaded["formats"] == upload_answer_formats(name), (name, src.uploaded)
+    # Right after an upload: ONNX queued; TFLite and Core ML not started until someone asks for them, or
+    # impossible with the route table's reason when the source kind can never become them.
+    if "keras detail after upload" in seen:
+        before = seen["keras detail after upload"]["formats"]
+        assert before["onnx"]["status"] in ("pending", "running"), before
+        assert before["tflite"]["status"] == before["coreml"]["status"] == "on_request", before
+        assert before["tflite"]["reason"] == "converted on the first download request"
+    before = seen["sklearn detail after upload"]["formats"]
+    assert before["onnx"]["status"] in ("pending", "running"), before
+    for target in ("tflite", "coreml"):
+        assert before[target]["status"] == "impossible" and "ONNX only" in before[target]["reason"], before
+    # A first request for what cannot be made: 404 with the reason at once. For the rest, while pending: 404
+    # not_found saying so, with Retry-After.
+    requests = {w: w.removeprefix("first request ").rsplit("->", 1) for w in seen if w.startswith("first request")}
+    ruled_out = [w for w, (name, target) in requests.items() if upload_answer_formats(name).get(target)]
+    assert {"first request sklearn-pipeline.pkl->tflite", "first request model.onnx->coreml"} <= set(ruled_out)
+    for what in ruled_out:
+        code, body, headers = seen[what]
+        assert code == 404 and "cannot be downloaded as" in body["message"] and "retry-after" not in headers
+    pending = [w for w in seen if w.endswith("while pending") or (w in requests and w not in ruled_out)]
+    assert "sklearn onnx while pending" in pending
     for what in pending:
         code, body, headers = seen[what]
         assert code == 404 and body["error"] == "not_found", (what, body)
@@ -597,13 +620,13 @@ def test_onnx_starts_at_upload_and_tflite_coreml_on_first_download(matrix: Matri
     if "keras detail after requests" in seen:
         after = seen["keras detail after requests"]["formats"]
         assert {after["tflite"]["status"], after["coreml"]["status"]} <= {"pending", "running"}, after
-    # Formats nobody asked for are never converted.
+    # Formats nobody asked for are never converted: the estimators' are impossible from the start.
     for name in ("sklearn-forest.joblib", "sklearn-pipeline.skops", "xgboost.json", "lightgbm.txt"):
         if name in matrix.sources:
             src = matrix.sources[name]
             matrix.reg.wait(src.model_id, src.version, "onnx")
             formats = matrix.reg.detail(src.model_id, src.version)["formats"]
-            assert formats["tflite"]["status"] == formats["coreml"]["status"] == "on_request", formats
+            assert formats["tflite"]["status"] == formats["coreml"]["status"] == "impossible", formats
 
 
 def test_a_pickle_reaching_for_os_system_fails_and_runs_nothing(matrix: Matrix) -> None:

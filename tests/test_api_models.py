@@ -137,3 +137,31 @@ async def test_health_needs_no_key(api: Api) -> None:
     assert resp.status_code == 200
     body = resp.json()
     assert body["status"] == "ok" and body["version"]
+
+
+async def test_messages_say_not_valid_json_and_list_the_allowed_frameworks(api: Api) -> None:
+    headers = {**api.headers, "content-type": "application/json"}
+    for body in (b'{"framework": "sklearn"', b"not json"):
+        resp = await api.client.post("/api/v1/models", content=body, headers=headers)
+        assert resp.status_code == 400 and "not valid JSON" in resp.json()["message"], resp.text
+        assert "truncated" not in resp.json()["message"]
+    model = await api.create_model()
+    resp = await api.client.patch(f"/api/v1/models/{model['id']}", content=b'{"accuracy": ', headers=headers)
+    assert resp.status_code == 400 and "not valid JSON" in resp.json()["message"]
+    resp = await api.client.post("/api/v1/models", json={"framework": "caffe"}, headers=api.headers)
+    assert resp.status_code == 400 and "pytorch, tensorflow, xgboost, sklearn" in resp.json()["message"]
+    resp = await api.client.get("/api/v1/models?framework=caffe", headers=api.headers)
+    assert resp.status_code == 400 and "pytorch, tensorflow, xgboost, sklearn" in resp.json()["message"]
+    resp = await api.client.post("/api/v1/models", content=b"{" + b" " * (1024 * 1024) + b"}", headers=headers)
+    assert resp.status_code == 413 and "1.0 MiB" in resp.json()["message"]
+    assert (await api.client.get("/api/v1/models", headers=api.headers)).json()["total"] == 1
+
+
+async def test_format_names_take_the_right_article(api: Api, sklearn_pickle: bytes) -> None:
+    model = await api.create_model()
+    resp = await api.upload(model["id"], b"some text", "m.onnx", expect=400, format="onnx")
+    assert "look like an ONNX model" in resp.json()["message"]
+    await api.upload(model["id"], sklearn_pickle, "m.pkl")
+    resp = await api.client.get(f"/api/v1/models/{model['id']}/versions/1/download?format=pytorch",
+                                headers=api.headers)
+    assert resp.status_code == 404 and "is a scikit-learn model" in resp.json()["message"]

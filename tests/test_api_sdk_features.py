@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -64,12 +66,19 @@ async def test_version_labels_address_versions_and_must_be_unique(api: Api, skle
 
 async def test_formats_field_queues_conversions_instead_of_naming_the_source(api: Api, sklearn_pickle: bytes) -> None:
     model = await api.create_model()
-    body = (await api.upload(model["id"], sklearn_pickle, "m.pkl", formats="onnx,coreml,bogus")).json()
-    assert body["format"] == "sklearn"
+    keras = io.BytesIO()
+    with zipfile.ZipFile(keras, "w") as zf:  # recognised as a Keras archive by its member names
+        for name in ("config.json", "metadata.json", "model.weights.h5"):
+            zf.writestr(name, b"{}")
+    body = (await api.upload(model["id"], keras.getvalue(), "m.keras", formats="onnx,coreml,bogus")).json()
+    assert body["format"] == "tensorflow"
     assert body["formats"] == {"coreml": "pending", "onnx": "pending"}
     detail = (await api.client.get(f"/api/v1/models/{model['id']}/versions/1", headers=api.headers)).json()
     assert detail["formats"]["coreml"]["status"] == "pending"
     assert detail["formats"]["tflite"]["status"] == "on_request"
+    # what the source can never become is not queued: it is impossible at once
+    body = (await api.upload(model["id"], sklearn_pickle, "m.pkl", formats="onnx,coreml")).json()
+    assert body["format"] == "sklearn" and body["formats"]["coreml"] == "impossible"
 
 
 async def test_download_url_is_signed_expiring_and_bound_to_one_file(api: Api, sklearn_pickle: bytes,

@@ -124,8 +124,8 @@ def _zip(names: dict[str, bytes]) -> bytes:
 
 
 @pytest.mark.parametrize(("filename", "content", "expected"), [
-    ("model.bin", b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x07sklearn.", "sklearn"),
-    ("clf.pkl", b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x0fxgboost.sklearn.", "xgboost"),
+    ("model.bin", b"\x80\x02csklearn.linear_model\nLogisticRegression\n.", "sklearn"),
+    ("clf.pkl", b"\x80\x02cxgboost.sklearn\nXGBClassifier\n.", "xgboost"),
     ("weights.pt", _zip({"archive/data.pkl": b"\x80\x02}q\x00.", "archive/version": b"3\n"}), "pytorch"),
     ("model.keras", _zip({"config.json": b"{}", "metadata.json": b"{}", "model.weights.h5": b""}), "tensorflow"),
     ("model.h5", b"\x89HDF\r\n\x1a\n" + b"\x00" * 100, "tensorflow"),
@@ -155,6 +155,23 @@ async def test_format_contradicting_content_is_400_naming_both(api: Api, sklearn
     resp = await api.upload(model["id"], b"just some text", "m.pt", expect=400, format="pytorch")
     assert "pytorch" in resp.json()["message"]
     assert tmp_files(api) == [] and await blob_files(api) == []
+
+
+async def test_a_pickle_mislabelled_by_format_is_400_naming_both_and_stores_nothing(
+        api: Api, sklearn_pickle: bytes) -> None:
+    import pickle
+
+    import torch
+
+    model = await api.create_model()
+    resp = await api.upload(model["id"], sklearn_pickle, "model.pkl", expect=400, format="pytorch")
+    message = resp.json()["message"]
+    assert "pytorch" in message and "sklearn" in message and "LogisticRegression" in message
+    net = pickle.dumps(torch.nn.Sequential(torch.nn.Linear(3, 2)))
+    resp = await api.upload(model["id"], net, "net.pkl", expect=400, format="sklearn")
+    assert "sklearn" in resp.json()["message"] and "pytorch" in resp.json()["message"]
+    assert (await api.upload(model["id"], net, "net.pkl")).json()["format"] == "pytorch"
+    assert (await api.upload(model["id"], sklearn_pickle, "m.pkl", format="sklearn")).json()["version"] == 2
 
 
 async def test_unknown_format_value_and_undetectable_content_are_400(api: Api, sklearn_pickle: bytes) -> None:
@@ -256,3 +273,26 @@ async def test_missing_blob_on_disk_is_a_json_500(api: Api, sklearn_pickle: byte
     resp = await api.client.get(f"/api/v1/models/{model['id']}/versions/1/download", headers=api.headers)
     assert resp.status_code == 500
     assert resp.json()["error"] == "internal_error" and "verify" in resp.json()["message"]
+
+
+async def test_conversions_the_route_table_rules_out_are_impossible_from_the_start(api: Api,
+                                                                                   sklearn_pickle: bytes) -> None:
+    model = await api.create_model()
+    uploaded = (await api.upload(model["id"], sklearn_pickle, "m.pkl", formats="tflite")).json()
+    assert uploaded["formats"] == {"onnx": "pending", "tflite": "impossible", "coreml": "impossible"}
+    path = f"/api/v1/models/{model['id']}/versions/1"
+    detail = (await api.client.get(path, headers=api.headers)).json()["formats"]
+    assert detail["onnx"]["status"] == "pending"  # no worker runs here: only the table can have said it
+    for target in ("tflite", "coreml"):
+        assert detail[target]["status"] == "impossible" and "convert to ONNX only" in detail[target]["reason"]
+        resp = await api.client.get(f"{path}/download?format={target}", headers=api.headers)
+        assert resp.status_code == 404 and "retry-after" not in resp.headers
+        assert f"cannot be downloaded as {target}: " + detail[target]["reason"] in resp.json()["message"]
+    assert (await api.client.get(path, headers=api.headers)).json()["formats"] == detail  # nothing was queued
+
+    plain = b"\x80\x04\x95\n\x00\x00\x00\x00\x00\x00\x00}\x94\x8c\x01a\x94K\x01s."  # {"a": 1}: no classes
+    await api.upload(model["id"], plain, "weights.pkl", format="pytorch")
+    formats = (await api.client.get(f"/api/v1/models/{model['id']}/versions/2", headers=api.headers)).json()["formats"]
+    assert {f: formats[f]["status"] for f in ("onnx", "tflite", "coreml")} == dict.fromkeys(
+        ("onnx", "tflite", "coreml"), "impossible")
+    assert "nn.Module" in formats["onnx"]["reason"]

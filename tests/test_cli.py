@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,29 @@ def test_serve_on_an_empty_registry_prints_one_admin_key_once(tmp_path: Path) ->
         assert "oml_" not in again.output()
     finally:
         again.stop()
+
+
+def test_serve_on_a_busy_port_fails_in_one_line_and_creates_no_key(tmp_path: Path) -> None:
+    home = tmp_path / "data"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        out = cli(home, "serve", "--port", port)
+    assert out.returncode != 0 and "oml_" not in out.stdout + out.stderr and "curl" not in out.stdout
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and port in lines[0] and "--port" in lines[0] and "Traceback" not in out.stderr
+    listed = cli(home, "keys", "list")
+    assert listed.returncode == 0 and listed.stdout.strip().splitlines()[1:] == []
+    server = Server(home)  # the next start, on a free port, is a first start: it shows the first key
+    try:
+        assert "oml_" in server.output()
+    finally:
+        server.stop()
+
+
+def test_first_start_banner_points_at_the_web_page_and_the_api_docs(server: Server) -> None:
+    out = server.output()
+    assert f"http://localhost:{server.port}/ " in out and f"http://localhost:{server.port}/schema" in out
+    assert httpx.get(f"{server.url}/").status_code == 200
+    assert httpx.get(f"{server.url}/schema").status_code == 200

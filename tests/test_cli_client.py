@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import pty
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -92,7 +94,7 @@ def test_upload_sends_the_fields_and_download_writes_the_file(cli: Cli, tmp_path
     line = cli.ok("upload", model_id, str(source), "--format", "sklearn", "--description", "round 4",
                   "--round-id", "r4", "--accuracy", "0.93", "--loss", "0.2", "--input-shape", "1,64",
                   "--label", "best")
-    assert line.startswith(f"version 1 of {model_id}: sklearn, 2.0 MB, sha256:")
+    assert line.startswith(f"version 1 of {model_id}: sklearn, 2.0 MiB, sha256:")
     uploaded = json.loads(cli.ok("upload", model_id, str(source), "--json"))
     assert uploaded["version"] == 2
 
@@ -167,3 +169,75 @@ def test_help_and_the_server_commands_do_not_import_httpx() -> None:
             "print('httpx' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def run_cli(cli: Cli, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The real `octomil-lite` command in a subprocess, with the URL and key from the environment."""
+    env = {**os.environ, "OCTOMIL_LITE_URL": cli.url, "OCTOMIL_API_KEY": cli.key}
+    return subprocess.run([sys.executable, "-m", "octomil_lite.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=120)
+
+
+def test_download_into_a_new_folder_ending_in_a_slash_saves_model_vn_inside(cli: Cli, tmp_path: Path) -> None:
+    model_id = cli.ok("models", "create").strip()
+    source = model_file(tmp_path / "m.pkl", 5000)
+    cli.ok("upload", model_id, str(source), "--format", "sklearn")
+    done = run_cli(cli, "download", model_id, "1", "-o", "newdir/", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(Path("newdir") / "model_v1.pkl")
+    assert (tmp_path / "newdir" / "model_v1.pkl").read_bytes() == source.read_bytes()
+
+
+def test_no_key_says_set_octomil_api_key_or_pass_api_key(cli: Cli) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "OCTOMIL_API_KEY"}
+    done = subprocess.run([sys.executable, "-m", "octomil_lite.cli", "models", "list", "--url", cli.url],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "set OCTOMIL_API_KEY or pass --api-key" in done.stderr and "Authorization" not in done.stderr
+    wrong = run_cli(cli, "models", "list", "--api-key", "oml_wrong")
+    assert wrong.returncode == 1 and "--api-key" in wrong.stderr and "Authorization" not in wrong.stderr
+
+
+def test_an_upload_the_server_cannot_identify_says_pass_format(cli: Cli, tmp_path: Path) -> None:
+    model_id = cli.ok("models", "create").strip()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello, not a model")
+    done = run_cli(cli, "upload", model_id, str(notes))
+    assert done.returncode == 1 and "pass --format (pytorch," in done.stderr, done.stderr
+    assert "'format' field" not in done.stderr
+
+
+def test_models_get_shows_version_labels_and_sizes_in_mib(cli: Cli, tmp_path: Path) -> None:
+    model_id = cli.ok("models", "create").strip()
+    source = model_file(tmp_path / "m.pkl", 3 * 1024 * 1024)
+    cli.ok("upload", model_id, str(source), "--format", "sklearn", "--label", "v1.0-rc")
+    cli.ok("upload", model_id, str(source), "--format", "sklearn")
+    shown = run_cli(cli, "models", "get", model_id)
+    assert shown.returncode == 0, shown.stderr
+    rows = shown.stdout.splitlines()
+    header = next(i for i, line in enumerate(rows) if line.startswith("VERSION"))
+    assert rows[header].split()[:4] == ["VERSION", "LABEL", "FORMAT", "SIZE"]
+    assert rows[header + 1].split()[:5] == ["1", "v1.0-rc", "sklearn", "3.0", "MiB"]
+    assert rows[header + 2].split()[:2] == ["2", "-"]
+    assert "3.0 MiB" in run_cli(cli, "models", "list").stdout
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["download", "m", "1", "-o", "out/"], "Interrupted; run the same command again to resume the download."),
+    (["models", "list"], "Interrupted."),
+])
+def test_ctrl_c_exits_130_with_one_line(tmp_path: Path, args: list[str], said: str) -> None:
+    with socket.socket() as stalled:  # a server that accepts the connection and never answers
+        stalled.bind(("127.0.0.1", 0))
+        stalled.listen()
+        url = f"http://127.0.0.1:{stalled.getsockname()[1]}"
+        proc = subprocess.Popen([sys.executable, "-m", "octomil_lite.cli", *args, "--url", url, "--api-key", "oml_x"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        stalled.settimeout(60)
+        conn, _ = stalled.accept()
+        with conn:
+            conn.recv(65536)  # the request has been sent: the command is waiting for the answer
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == [said]

@@ -166,6 +166,14 @@ def test_download_into_a_directory_uses_the_servers_file_name(client: Client, up
     assert path == tmp_path / "model_v1.pkl" and path.read_bytes() == source.read_bytes()
 
 
+def test_download_to_a_new_folder_ending_in_a_slash_creates_it(client: Client, uploaded: tuple[str, Path],
+                                                               tmp_path: Path) -> None:
+    model_id, source = uploaded
+    path = client.download_version(model_id, 1, f"{tmp_path}/out/nested/")
+    assert path == tmp_path / "out" / "nested" / "model_v1.pkl" and path.read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in (tmp_path / "out" / "nested").iterdir()) == ["model_v1.pkl"]
+
+
 class Interrupted(Exception):
     """Raised from a progress callback to cut a download short."""
 

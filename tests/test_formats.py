@@ -13,7 +13,7 @@ import pytest
 from sklearn.tree import DecisionTreeClassifier
 
 from octomil_lite.errors import BadRequest
-from octomil_lite.formats import Sniffed, looks_like_onnx, resolve_format, sniff
+from octomil_lite.formats import Sniffed, looks_like_onnx, pickle_classes, resolve_format, sniff
 
 
 def sniff_bytes(tmp_path: Path, data: bytes, name: str = "upload") -> Sniffed:
@@ -28,7 +28,8 @@ def tree() -> DecisionTreeClassifier:
 
 
 def test_sklearn_pickle_and_joblib_are_recognised(tmp_path: Path, tree: DecisionTreeClassifier) -> None:
-    assert sniff_bytes(tmp_path, pickle.dumps(tree)) == Sniffed("pickle", "sklearn")
+    assert sniff_bytes(tmp_path, pickle.dumps(tree)) == Sniffed(
+        "pickle", "sklearn", ("sklearn.tree._classes.DecisionTreeClassifier", "sklearn.tree._tree.Tree"))
     for compress in (0, 3):
         buf = io.BytesIO()
         joblib.dump(tree, buf, compress=compress)
@@ -87,3 +88,24 @@ def test_resolve_format_prefers_given_and_refuses_contradictions() -> None:
                            ("caffe", Sniffed("onnx")), (None, Sniffed(None)), ("pytorch", Sniffed(None))):
         with pytest.raises(BadRequest):
             resolve_format(given, sniffed)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 3, 4, 5])
+def test_pickle_classes_are_read_from_opcodes_of_any_protocol_and_a_truncated_prefix(
+        protocol: int, tree: DecisionTreeClassifier) -> None:
+    data = pickle.dumps({"a": tree, "b": tree.tree_}, protocol=protocol)
+    classes = pickle_classes(data)
+    assert "sklearn.tree._classes.DecisionTreeClassifier" in classes and "sklearn.tree._tree.Tree" in classes
+    assert pickle_classes(data[: len(data) // 2])[0] == classes[0]  # a prefix ends the scan, never raises
+    assert pickle_classes(b"not a pickle at all") == []
+
+
+def test_a_pickle_whose_classes_contradict_format_is_refused_naming_both(tmp_path: Path,
+                                                                         tree: DecisionTreeClassifier) -> None:
+    sniffed = sniff_bytes(tmp_path, pickle.dumps(tree), "model.pt")
+    assert sniffed.framework == "sklearn"
+    with pytest.raises(BadRequest, match="says pytorch.*sklearn classes.*DecisionTreeClassifier"):
+        resolve_format("pytorch", sniffed)
+    assert resolve_format("sklearn", sniffed) == "sklearn"
+    plain = sniff_bytes(tmp_path, pickle.dumps({"weights": np.zeros(3)}))  # no framework class: format decides
+    assert plain.classes == () and resolve_format("pytorch", plain) == "pytorch"

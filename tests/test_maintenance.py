@@ -71,3 +71,16 @@ def test_verify_reports_clean_then_finds_corruption_and_missing_blobs(tmp_path: 
     blob.unlink()
     missing = cli(home, "verify")
     assert missing.returncode == 1 and f"points at missing blob {digests[0]}" in missing.stdout
+
+
+def test_gc_says_what_the_grace_period_holds_back_and_grace_0_reclaims_it(tmp_path: Path) -> None:
+    home = tmp_path / "data"
+    _, digests = _populate(home)
+    dropped = home / "blobs/sha256" / digests[1][:2] / digests[1]
+    held = cli(home, "gc")
+    assert held.returncode == 0 and "deleted 0 unreferenced blob(s)" in held.stdout
+    assert "kept 1 unreferenced blob(s), 5 B" in held.stdout and "3600 s grace" in held.stdout
+    assert "gc --grace 0" in held.stdout and dropped.exists()
+    now = cli(home, "gc", "--grace", "0")
+    assert "deleted 1 unreferenced blob(s), 5 B" in now.stdout and "kept" not in now.stdout
+    assert not dropped.exists() and cli(home, "verify").returncode == 0

@@ -53,6 +53,7 @@ def test_chunked_upload_over_the_limit_is_413_and_leaves_nothing(tmp_path: Path)
             resp = client.post(f"/api/v1/models/{model['id']}/versions/upload", content=body(),
                                headers={"content-type": "multipart/form-data; boundary=b"})
             assert resp.status_code == 413 and resp.json()["error"] == "payload_too_large"
+            assert "limit of 1.0 MiB" in resp.json()["message"]
             assert client.get(f"/api/v1/models/{model['id']}").json()["versions"] == []
         assert list((server.data_dir / "tmp").iterdir()) == []
         assert [p for p in (server.data_dir / "blobs").rglob("*") if p.is_file()] == []

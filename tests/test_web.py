@@ -120,6 +120,26 @@ def test_page_and_docs_html_name_only_assets_served_from_the_package(site: Site)
     assert httpx.get(site.url + "/schema/openapi.json").json()["info"]["title"] == "octomil-lite"
 
 
+HOSTED_OPERATIONS = {("get", "/api/v1/models"), ("post", "/api/v1/models"), ("get", "/api/v1/models/{model_id}"),
+                     ("post", "/api/v1/models/{model_id}/versions/upload"),
+                     ("get", "/api/v1/models/{model_id}/versions/{version}/download")}
+
+
+def test_api_docs_group_operations_by_tag_each_summarised_with_the_hosted_ones_marked(site: Site) -> None:
+    doc = httpx.get(site.url + "/schema/openapi.json").json()
+    assert [t["name"] for t in doc["tags"]] == ["models", "versions", "downloads", "keys-health"]
+    assert all(t["description"] for t in doc["tags"])
+    assert "[Back to the web page](/)" in doc["info"]["description"]
+    operations = {(method, path): op for path, ops in doc["paths"].items() for method, op in ops.items()}
+    for (method, path), op in operations.items():
+        assert len(op["tags"]) == 1 and op["tags"][0] in {t["name"] for t in doc["tags"]}, (method, path)
+        assert op["summary"] and "\n" not in op["summary"] and op["description"], (method, path)
+        hosted = (method, path) in HOSTED_OPERATIONS
+        assert op["summary"].endswith("(hosted API)") == hosted, (method, path)
+        assert op["description"].startswith("Part of the hosted Octomil Models API") == hosted, (method, path)
+    assert {op["tags"][0] for op in operations.values()} == {"models", "versions", "downloads", "keys-health"}
+
+
 def test_wrong_key_is_refused_with_a_clear_message(tab: Tab) -> None:
     tab.sign_in("oml_not-a-real-key")
     expect(tab.page.locator("#sign-in-error")).to_contain_text("not accepted")
@@ -176,6 +196,21 @@ def test_model_page_shows_versions_and_downloads_with_the_servers_file_name(
     with tab.page.expect_download() as info:
         onnx.click()
     assert info.value.suggested_filename == "model_v1.onnx"
+    assert tab.outside_requests() == []
+
+
+def test_formats_that_cannot_be_made_show_why_and_offer_no_convert_button(
+        tab: Tab, site: Site, sklearn_pickle: bytes) -> None:
+    model = site.create_model(framework="sklearn", description="Estimator")
+    site.upload(model["id"], sklearn_pickle)
+    tab.sign_in()
+    tab.page.locator("#models").wait_for()
+    tab.open_model(model["id"])
+    row = tab.page.locator("#versions tbody tr").first
+    for target in ("tflite", "coreml"):
+        expect(row).to_contain_text(f"{target}: cannot be converted")
+        assert row.get_by_role("button", name=f"Convert version 1 to {target}").count() == 0
+    expect(row).to_contain_text("convert to ONNX only")
     assert tab.outside_requests() == []
 
 
@@ -259,7 +294,7 @@ def test_api_docs_render_from_the_package_with_no_outside_request(tab: Tab, site
     page.locator(".modal-ux input").fill(site.key)
     page.locator(".modal-ux button.authorize").click()
     page.locator(".modal-ux button.btn-done").click()
-    operation = page.locator("#operations-default-ApiV1ModelsListModels")
+    operation = page.locator("#operations-models-ApiV1ModelsListModels")
     operation.locator(".opblock-summary").click()
     operation.get_by_role("button", name="Try it out").click()
     operation.get_by_role("button", name="Execute").click()

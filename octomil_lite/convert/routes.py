@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from . import estimators, tensorflow, torch
-from .job import Converted, Impossible, Job, installed
+from .job import TARGETS, Converted, Impossible, Job, installed
 
 NO_ONNX_ROUTE = ("no {target} converter for ONNX models works in this install (onnx2tf pins an older "
                  "TensorFlow/numpy/onnx, coremltools dropped its ONNX frontend); upload the original "
@@ -38,24 +38,47 @@ CONVERTERS: dict[tuple[str, str], Callable[[Job], Converted]] = {
 }
 
 
+NO_GRAPH = "an .npz of weights has no model graph to convert"
+
+
+def impossible_reason(kind: str, target: str, declared: str | None) -> str | None:
+    """Why a source kind (uploaded as the declared format) can never become target, or None when it may.
+
+    Known from the table alone, so the registry says so the moment a version exists; the job raises the same.
+    """
+    if kind in ("pickle", "joblib", "skops") and declared == "pytorch":
+        return torch.PICKLED_MODULE_REASON
+    if (kind, target) in CONVERTERS or kind in ("torch-zip", "torch-legacy"):
+        return None  # a converter exists, or (torch.save) only the file's content can tell
+    if kind == target:
+        return f"the upload is already in {target} format; download the original"
+    if kind == "onnx":
+        return NO_ONNX_ROUTE.format(target="Core ML" if target == "coreml" else "TFLite")
+    if kind in estimators.ESTIMATOR_KINDS:
+        return (f"scikit-learn, XGBoost and LightGBM models convert to ONNX only, not {target}; "
+                "download the ONNX artifact")
+    if kind in ("torchscript", "torch-export"):
+        return "PyTorch models convert to ONNX and Core ML here, not TFLite; download the ONNX artifact"
+    if kind == "tflite":
+        return "coremltools cannot read TFLite files; upload the Keras model or SavedModel for Core ML"
+    if kind == "numpy-npz":
+        return NO_GRAPH
+    return None
+
+
+def ruled_out(kind: str, declared: str | None) -> dict[str, str]:
+    """Target -> reason, for every target this source can never become."""
+    return {t: reason for t in TARGETS if (reason := impossible_reason(kind, t, declared)) is not None}
+
+
 def converter_for(job: Job) -> Callable[[Job], Converted]:
-    if job.kind in ("pickle", "joblib", "skops") and job.hint == "pytorch":
-        raise Impossible(torch.PICKLED_MODULE_REASON)
+    reason = impossible_reason(job.kind, job.target, job.hint)
+    if reason is not None:
+        raise Impossible(reason)
     if (job.kind, job.target) in CONVERTERS:
         return CONVERTERS[(job.kind, job.target)]
     if job.kind in ("torch-zip", "torch-legacy"):
         return torch.torch_pickle
-    if job.kind == "onnx":
-        raise Impossible(NO_ONNX_ROUTE.format(target="Core ML" if job.target == "coreml" else "TFLite"))
-    if job.kind == job.target:
-        raise Impossible(f"the upload is already a {job.target} model; download the original")
-    if job.kind in estimators.ESTIMATOR_KINDS:
-        raise Impossible(f"scikit-learn, XGBoost and LightGBM models convert to ONNX only, not {job.target}; "
-                         "download the ONNX artifact")
-    if job.kind in ("torchscript", "torch-export"):
-        raise Impossible("PyTorch models convert to ONNX and Core ML here, not TFLite; download the ONNX artifact")
-    if job.kind == "tflite":
-        raise Impossible("coremltools cannot read TFLite files; upload the Keras model or SavedModel for Core ML")
     raise ValueError(f"unknown source kind {job.kind!r}")
 
 

@@ -13,16 +13,16 @@ import msgspec
 from litestar import Litestar, Request, Response
 from litestar.datastructures import State
 from litestar.di import Provide
-from litestar.exceptions import HTTPException, ValidationException
+from litestar.exceptions import HTTPException, SerializationException, ValidationException
 from litestar.types import ASGIApp, Receive, Scope, Send
 from litestar.utils import normalize_path
 
 from ..auth import RateLimiter, scope_allows
-from ..config import Config
+from ..config import Config, human_size
 from ..convert.routes import available_conversions
 from ..errors import DISK_FULL, UNEXPECTED, BadRequest, Forbidden, OctomilError, RateLimited, Unauthorized
 from ..registry import KeyInfo, Registry
-from ..schemas import ErrorBody
+from ..schemas import DOWNLOAD_FORMATS, FRAMEWORKS, ErrorBody
 from .controllers import ModelController, health, signed_download
 from .training import DeviceController, TrainingController
 from .web import openapi_config
@@ -33,6 +33,8 @@ log = logging.getLogger("octomil_lite")
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
                  415: "unsupported_media_type", 422: "bad_request", 429: "rate_limited"}
+_ALLOWED = {"framework": FRAMEWORKS, "format": DOWNLOAD_FORMATS}  # named in the message when a value is not one
+REQUEST_MAX_BODY = 1024 * 1024  # every body but an upload's
 
 
 def _error(status: int, code: str, message: str, details: list[Any] | None = None,
@@ -57,15 +59,21 @@ def _on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respo
         first = exc.extra[0]
         where = {"query": "query parameter", "path": "path parameter"}.get(first.get("source"), "field")
         message = f"Invalid {where} '{first.get('key')}': {first.get('message')}."
+        if str(first.get("message", "")).startswith("Invalid enum value") and first.get("key") in _ALLOWED:
+            message = message[:-1] + f"; it must be one of {', '.join(_ALLOWED[first['key']])}."
         if first.get("source") == "body" and first.get("key") == "data":
             message = f"The request body must be a JSON object ({first.get('message')})."
         return _error(400, "bad_request", message, details=exc.extra)
-    if status == 404:
+    if isinstance(exc.__cause__, SerializationException):
+        detail = str(exc.detail)
+        why = "it ends too early" if "truncated" in detail else detail.removeprefix("JSON is malformed: ")
+        message = f"The request body is not valid JSON ({why})."
+    elif status == 404:
         message = f"No such resource: {request.method} {request.url.path}."
     elif status == 405:
         message = f"{request.method} is not allowed on {request.url.path}."
     elif status == 413:
-        message = "The request body is too large."
+        message = f"The request body is larger than the {human_size(REQUEST_MAX_BODY)} limit."
     else:
         message = str(exc.detail)
     return _error(status, code, message, headers=exc.headers)
@@ -220,7 +228,7 @@ def create_app(config: Config) -> Litestar:
         exception_handlers={OctomilError: _on_octomil_error, HTTPException: _on_http_error,
                             Exception: _on_unexpected},
         after_request=_no_html_errors,
-        request_max_body_size=1024 * 1024,
+        request_max_body_size=REQUEST_MAX_BODY,
         openapi_config=openapi_config(),
         logging_config=None,
         debug=False,

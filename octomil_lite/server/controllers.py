@@ -64,7 +64,7 @@ def _decode(body: bytes, schema: type[T]) -> T:
             raise BadRequest(f"The request body must be a JSON object ({problem}).") from None
         raise BadRequest(f"Invalid field '{where.rstrip('`')}': {problem}.") from None
     except msgspec.DecodeError:
-        raise BadRequest("The request body must be a JSON object.") from None
+        raise BadRequest("The request body is not valid JSON.") from None
 
 
 def _errors(*extra: int) -> dict[int, ResponseSpec]:
@@ -121,6 +121,9 @@ class DownloadOperation(Operation):
         self.responses["200"] = OpenAPIResponse(description="The model file", content=binary)
         self.responses["206"] = OpenAPIResponse(description="Part of the model file (Range)", content=binary)
         self.responses["304"] = OpenAPIResponse(description="Not modified (If-None-Match)")
+        if "Head" in (self.operation_id or "") and self.summary and self.description:  # HEAD is no hosted operation
+            self.summary = "Headers of a download (size, hash, ETag) without its bytes"
+            self.description = self.description.removeprefix(HOSTED)
 
 
 @dataclass
@@ -140,10 +143,17 @@ class SignedDownloadOperation(DownloadOperation):
         self.security = []
 
 
+HOSTED = "Part of the hosted Octomil Models API (same path, fields and status codes). "
+HOSTED_SUMMARY = " (hosted API)"
+
+
 class ModelController(Controller):
     path = "/api/v1/models"
 
-    @get("/", opt={"scope": "read"}, responses=_errors())
+    @get("/", opt={"scope": "read"}, responses=_errors(), tags=["models"],
+         summary="List models" + HOSTED_SUMMARY,
+         description=HOSTED + "A page of models, newest first, filtered by framework, is_baseline, name or "
+                     "use_case; `total` counts every match.")
     async def list_models(
         self,
         registry: NamedDependency[Registry],
@@ -159,38 +169,55 @@ class ModelController(Controller):
 
     # `data` documents the body in the OpenAPI schema; the handler re-decodes it strictly (Litestar coerces types).
 
-    @post("/", opt={"scope": "write"}, status_code=201,
+    @post("/", opt={"scope": "write"}, status_code=201, tags=["models"], summary="Create a model" + HOSTED_SUMMARY,
+          description=HOSTED + "Every field is optional. A `name` is unique: creating an existing name returns "
+                      "that model (200) unless `framework` or `use_case` contradict it (409).",
           responses={**_errors(409), 200: ResponseSpec(Model, description="A model of that name already existed")})
     async def create_model(self, request: Request[Any, Any, Any], registry: NamedDependency[Registry],
                            data: JSONBody[CreateModel | None] = None) -> Response[Model]:
         model, created = await registry.create_model(_decode(await request.body(), CreateModel))
         return Response(model, status_code=201 if created else 200)
 
-    @patch("/{model_id:str}", opt={"scope": "write"}, responses=_errors(409))
+    @patch("/{model_id:str}", opt={"scope": "write"}, responses=_errors(409), tags=["models"],
+           summary="Change some fields of a model",
+           description="Only the fields present change (description, is_baseline, accuracy, loss, round_id, "
+                       "framework_version, name, use_case); answers the updated model.")
     async def update_model(self, model_id: FromPath[str], request: Request[Any, Any, Any],
                            registry: NamedDependency[Registry], data: JSONBody[UpdateModel | None] = None) -> Model:
         return await registry.update_model(model_id, _decode(await request.body(), UpdateModel))
 
-    @delete("/{model_id:str}", opt={"scope": "write"}, status_code=204, responses=_errors())
+    @delete("/{model_id:str}", opt={"scope": "write"}, status_code=204, responses=_errors(), tags=["models"],
+            summary="Delete a model and all its versions",
+            description="The bytes stay in the store until `octomil-lite gc` reclaims them.")
     async def delete_model(self, model_id: FromPath[str], registry: NamedDependency[Registry]) -> None:
         await registry.delete_model(model_id)
 
-    @get("/{model_id:str}/versions/{version:str}", opt={"scope": "read"}, responses=_errors())
+    @get("/{model_id:str}/versions/{version:str}", opt={"scope": "read"}, responses=_errors(), tags=["versions"],
+         summary="Show one version and the status of each format",
+         description="`version` is a number, `latest` or a label. Each format says ready, pending, running, "
+                     "failed, impossible or unavailable, with its reason, size, hash, parity and (ONNX) signature.")
     async def get_version(self, model_id: FromPath[str], version: FromPath[str],
                           registry: NamedDependency[Registry]) -> VersionDetail:
         return await registry.get_version(model_id, version)
 
-    @delete("/{model_id:str}/versions/{version:str}", opt={"scope": "write"}, status_code=204, responses=_errors())
+    @delete("/{model_id:str}/versions/{version:str}", opt={"scope": "write"}, status_code=204, responses=_errors(),
+            tags=["versions"], summary="Delete one version",
+            description="Version numbers are never reused; the bytes stay until `octomil-lite gc` reclaims them.")
     async def delete_version(self, model_id: FromPath[str], version: FromPath[str],
                              registry: NamedDependency[Registry]) -> None:
         await registry.delete_version(model_id, version)
 
-    @get("/{model_id:str}", opt={"scope": "read"}, responses=_errors())
+    @get("/{model_id:str}", opt={"scope": "read"}, responses=_errors(), tags=["models"],
+         summary="Retrieve a model with its versions" + HOSTED_SUMMARY,
+         description=HOSTED + "`model_id` is the model's id or its unique name; versions are listed oldest first.")
     async def get_model(self, model_id: FromPath[str], registry: NamedDependency[Registry]) -> ModelDetail:
         return await registry.get_model(model_id)
 
     @post("/{model_id:str}/versions/upload", opt={"scope": "write"}, status_code=201, request_max_body_size=None,
-          operation_class=UploadOperation, responses=_errors(409, 413, 507))
+          operation_class=UploadOperation, responses=_errors(409, 413, 507), tags=["versions"],
+          summary="Upload a version" + HOSTED_SUMMARY,
+          description=HOSTED + "Multipart, streamed to disk as it arrives. `format` is inferred from the bytes when "
+                      "absent and a contradicting one is refused; every non-ONNX upload is converted to ONNX.")
     async def upload_version(self, model_id: FromPath[str], request: Request[Any, Any, Any],
                              registry: NamedDependency[Registry]) -> UploadedVersion:
         await registry.require_model(model_id)
@@ -205,7 +232,10 @@ class ModelController(Controller):
         finally:
             await parsed.discard()
 
-    @get("/{model_id:str}/versions/{version:str}/download-url", opt={"scope": "read"}, responses=_errors())
+    @get("/{model_id:str}/versions/{version:str}/download-url", opt={"scope": "read"}, responses=_errors(),
+         tags=["downloads"], summary="Make a signed download link",
+         description="A link to one version and format that works without a key until it expires "
+                     "(`expires_in` seconds); the local counterpart of a pre-signed S3 URL.")
     async def download_url(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
                            registry: NamedDependency[Registry], format: FromQuery[DownloadFormat | None] = None,
                            expires_in: Annotated[int, QueryParameter(
@@ -216,7 +246,11 @@ class ModelController(Controller):
         return SignedUrl(url=url, expires_at=expires_at)
 
     @route("/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],
-           opt={"scope": "read"}, operation_class=DownloadOperation, responses=_errors(416))
+           opt={"scope": "read"}, operation_class=DownloadOperation, responses=_errors(416), tags=["downloads"],
+           summary="Download a version" + HOSTED_SUMMARY,
+           description=HOSTED + "`format` is original (default), onnx, tflite or coreml. Sends Content-Disposition "
+                       "and X-Model-Hash; also HEAD, Range (206/416) and If-None-Match (304). A format still being "
+                       "made answers 404 with Retry-After; one that cannot be made, 404 with the reason.")
     async def download(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
                        registry: NamedDependency[Registry],
                        format: FromQuery[DownloadFormat | None] = None) -> BlobResponse:
@@ -231,7 +265,9 @@ async def _serve(registry: Registry, request: Request[Any, Any, Any], model_id: 
 
 
 @route("/signed/models/{model_id:str}/versions/{version:str}/download", http_method=[HttpMethod.GET, HttpMethod.HEAD],
-       opt={"public": True}, operation_class=SignedDownloadOperation, responses=_errors(416))
+       opt={"public": True}, operation_class=SignedDownloadOperation, responses=_errors(416), tags=["downloads"],
+       summary="Download through a signed link",
+       description="What a download-url link points at: no key, the signature in the query is the permission.")
 async def signed_download(model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
                           registry: NamedDependency[Registry], format: FromQuery[DownloadFormat] = "original",
                           expires: FromQuery[str] = "", signature: FromQuery[str] = "") -> BlobResponse:
@@ -240,6 +276,8 @@ async def signed_download(model_id: FromPath[str], version: FromPath[str], reque
     return await _serve(registry, request, model_id, version, format)
 
 
-@get("/health", opt={"public": True}, sync_to_thread=False, operation_class=PublicOperation)
+@get("/health", opt={"public": True}, sync_to_thread=False, operation_class=PublicOperation, tags=["keys-health"],
+     summary="Is the server up, and which conversions can it make",
+     description="No key needed. `conversions` maps each source format to the targets this install can produce.")
 def health(request: Request[Any, Any, Any]) -> Health:
     return Health(status="ok", version=__version__, conversions=request.app.state.conversions)

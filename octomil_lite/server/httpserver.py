@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 import uvicorn
@@ -61,7 +62,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def run(app: Any, host: str, port: int, log_level: str, access_log: bool) -> None:
-    """Serve `app` until interrupted."""
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=access_log,
-                http=BoundedHttpToolsProtocol, loop="auto", timeout_graceful_shutdown=5)
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) and listening; OSError (e.g. EADDRINUSE) when it cannot be had."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def run(app: Any, sock: socket.socket, log_level: str, access_log: bool) -> None:
+    """Serve `app` on an already bound socket until interrupted."""
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            http=BoundedHttpToolsProtocol, loop="auto", timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 
+from ..config import human_size
 from ..errors import BadRequest, PayloadTooLarge
 from ..registry import UploadedFile
 from ..schemas import UploadForm
@@ -43,7 +44,7 @@ def boundary_of(content_type: str) -> str:
 
 
 def too_large(limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(f"The upload is larger than this registry's limit of {limit} bytes "
+    return PayloadTooLarge(f"The upload is larger than this registry's limit of {human_size(limit)} "
                            "(octomil-lite serve --max-upload-size).")
 
 

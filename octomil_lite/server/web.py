@@ -8,7 +8,7 @@ from litestar import MediaType, Response, get
 from litestar.datastructures import CacheControlHeader
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin, YamlRenderPlugin
-from litestar.openapi.spec import Components, SecurityScheme
+from litestar.openapi.spec import Components, SecurityScheme, Tag
 from litestar.static_files import create_static_files_router
 
 from .. import __version__
@@ -49,6 +49,15 @@ def openapi_config() -> OpenAPIConfig:
     return OpenAPIConfig(
         title="octomil-lite",
         version=__version__,
+        description="A local model registry speaking the hosted Octomil Models API. Operations marked "
+                    "*(hosted API)* are the hosted platform's; the others are this registry's additions. "
+                    "[Back to the web page](/).",
+        tags=[Tag(name="models", description="Create, list, retrieve, change and delete models"),
+              Tag(name="versions", description="Upload versions, see each format's conversion status, delete"),
+              Tag(name="downloads", description="Download a version in any ready format, or make a signed link"),
+              Tag(name="keys-health", description="API keys are made on the server's machine with "
+                  "`octomil-lite keys create --name NAME` (scopes read, write, admin) and sent as "
+                  "`Authorization: Bearer <key>`; /health needs none")],
         path="/schema",
         render_plugins=[docs, YamlRenderPlugin()],
         components=Components(security_schemes={"apiKey": SecurityScheme(

@@ -309,20 +309,29 @@ class LocalBlobStore:
         return sweep_dir(self.tmp, older_than, dry_run)
 
     async def gc(self, db: Any, grace: float, dry_run: bool) -> dict[str, int]:
-        """Delete blobs no row references and temp files, both untouched for `grace` seconds."""
+        """Delete blobs no row references and temp files, both untouched for `grace` seconds; what is unreferenced
+        but younger is counted as held (held_blobs, held_bytes)."""
         referenced = await db.referenced_digests()
         cutoff = time.time() - grace
         candidates = set()
+        held = held_bytes = 0
         for digest in self.digests():
-            if digest not in referenced and self.path(digest).lstat().st_mtime < cutoff:
+            if digest in referenced:
+                continue
+            st = self.path(digest).lstat()
+            if st.st_mtime < cutoff:
                 candidates.add(digest)
+            else:
+                held, held_bytes = held + 1, held_bytes + st.st_size
+        kept = {"held_blobs": held, "held_bytes": held_bytes}
         if dry_run:
             sizes = sum(self.path(d).lstat().st_size for d in candidates)
             temps = self.sweep_tmp(older_than=grace, dry_run=True)
-            return {"blobs": len(candidates), "blob_bytes": sizes, "temp_files": temps[0], "temp_bytes": temps[1]}
+            return {"blobs": len(candidates), "blob_bytes": sizes, "temp_files": temps[0], "temp_bytes": temps[1],
+                    **kept}
         count, freed = await db.delete_unreferenced(candidates, self.delete)
         temps = self.sweep_tmp(older_than=grace)
-        return {"blobs": count, "blob_bytes": freed, "temp_files": temps[0], "temp_bytes": temps[1]}
+        return {"blobs": count, "blob_bytes": freed, "temp_files": temps[0], "temp_bytes": temps[1], **kept}
 
     async def verify(self, db: Any) -> tuple[list[str], dict[str, int]]:
         """Re-hash every blob and check every row against the store; return (problems, counts)."""

@@ -296,13 +296,17 @@ class S3BlobStore:
         listing = await self.listing()  # first the bucket, then the tables: see the module docstring
         uploads = await self._api.multipart_uploads(self.object_path("objects/"))
         cutoff = time.time() - grace
+        referenced = await self.db.referenced_digests()
+        needed = {r["key"] for r in await self.db.object_rows() if r["digest"] in referenced}
+        held = [k for k, (_, when) in listing.items() if when >= cutoff and k not in needed]
+        kept = {"held_blobs": len(held), "held_bytes": sum(listing[k][0] for k in held)}
         if dry_run:
             mapped = {r["key"] for r in await self.db.object_rows()} | await self.db.pending_keys()
             referenced = await self.db.referenced_digests()
             unreferenced = {r["key"] for r in await self.db.object_rows() if r["digest"] not in referenced}
             doomed = {k for k, (_, when) in listing.items() if when < cutoff and (k not in mapped or k in unreferenced)}
             return {"blobs": len(doomed), "blob_bytes": sum(listing[k][0] for k in doomed),
-                    "temp_files": sum(1 for _, _, when in uploads if when < cutoff), "temp_bytes": 0}
+                    "temp_files": sum(1 for _, _, when in uploads if when < cutoff), "temp_bytes": 0, **kept}
         reaped = set(await self.db.reap_objects(grace))
         mapped = {r["key"] for r in await self.db.object_rows()} | await self.db.pending_keys()
         doomed = {k for k in listing if k in reaped or (k not in mapped and listing[k][1] < cutoff)}
@@ -315,7 +319,7 @@ class S3BlobStore:
                 await self._api.abort(path, upload_id)
                 aborted += 1
         return {"blobs": len(doomed), "blob_bytes": sum(listing[k][0] for k in doomed),
-                "temp_files": aborted, "temp_bytes": 0}
+                "temp_files": aborted, "temp_bytes": 0, **kept}
 
     async def verify(self, db: Any) -> tuple[list[str], dict[str, int]]:
         """Re-read every mapped object: its size from the listing, its sha256 from its bytes."""

@@ -23,6 +23,8 @@ from .config import Config
 from .controllers import ModelController, health, signed_download
 from .convert import available_conversions
 from .errors import DISK_FULL, UNEXPECTED, BadRequest, Forbidden, OctomilError, RateLimited, Unauthorized
+from .federations_api import route_handlers as federation_routes
+from .lifecycle_api import VersionLifecycleController, signed_put
 from .registry import KeyInfo, Registry
 from .schemas import ErrorBody
 from .web import openapi_config
@@ -214,7 +216,8 @@ def create_app(config: Config) -> Litestar:
         return state.registry  # type: ignore[no-any-return]
 
     app = Litestar(
-        route_handlers=[health, ModelController, signed_download, *web_routes],
+        route_handlers=[health, ModelController, VersionLifecycleController, signed_download, signed_put,
+                        *federation_routes, *web_routes],
         lifespan=[lifespan],
         state=State({"rate_limiter": RateLimiter(config.rate_limit), "conversions": available_conversions()}),
         dependencies={"registry": Provide(provide_registry, sync_to_thread=False)},

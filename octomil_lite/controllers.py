@@ -78,7 +78,8 @@ _ERROR_TEXT = {400: "Bad request: a field, parameter or file is invalid", 401: "
                403: "The key's scope does not allow this", 404: "No such model, version or format (yet)",
                409: "Conflict: a name or version label already exists", 413: "The upload is too large",
                416: "The requested byte range is outside the file", 429: "Too many requests; see Retry-After",
-               500: "Unexpected server error", 507: "The registry's disk is full"}
+               500: "Unexpected server error", 501: "Needs the hosted Octomil platform",
+               507: "The registry's disk is full"}
 
 _NO_NUL = r"^[^\u0000]*$"
 _UPLOAD_FORM = Schema(type=OpenAPIType.OBJECT, required=["file"], properties={

@@ -59,3 +59,10 @@ class RateLimited(OctomilError):
 class StorageFull(OctomilError):
     status = 507
     code = "insufficient_storage"
+
+
+class NotImplementedHere(OctomilError):
+    """Part of the hosted Octomil platform that a one-organisation registry does not have."""
+
+    status = 501
+    code = "not_implemented"

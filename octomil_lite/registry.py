@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import secrets
@@ -19,27 +20,35 @@ from typing import Any
 
 import msgspec
 
-from . import auth, formats
-from .blobstore import BlobStore, StagedBlob
+from . import auth, formats, usage
+from .blobstore import HEAD_BYTES, BlobStore, StagedBlob
 from .config import Config
 from .conversions import TARGETS, ConversionPool
 from .db import Database, Row
+from .direct_uploads import DirectUploads, is_storage_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
+from .federations import Federations
 from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .schemas import (
     DOWNLOAD_FORMATS,
+    MAX_METRICS,
+    VERSION_STATUSES,
     CreateModel,
+    CreateVersion,
+    EventCount,
     FormatStatus,
     Model,
     ModelDetail,
     ModelList,
+    UpdateMetrics,
     UpdateModel,
     UploadedVersion,
     UploadForm,
     VersionDetail,
+    VersionList,
     VersionSummary,
 )
-from .uploads import UploadedFile
+from .uploads import UploadedFile, label_of
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PENDING_RETRY_AFTER = 2
@@ -96,10 +105,28 @@ def _canonical_uuid(value: str) -> str | None:
         return None
 
 
+def _metrics(v: Row) -> dict[str, float]:
+    return json.loads(v["metrics"]) if v["metrics"] else {}
+
+
+def _checked_metrics(metrics: dict[str, float | None]) -> None:
+    for name, value in metrics.items():
+        if value is not None and not math.isfinite(value):
+            raise BadRequest(f"Metric '{name}' must be a finite number.")
+
+
 def _summary(v: Row) -> VersionSummary:
-    return VersionSummary(version=v["number"], label=v["label"], format=v["format"], model_size_bytes=v["size"],
-                          model_hash=f"sha256:{v['digest']}", description=v["description"], round_id=v["round_id"],
-                          accuracy=v["accuracy"], loss=v["loss"], uploaded_at=v["uploaded_at"])
+    return VersionSummary(version=v["number"], label=v["label"], status=v["status"], format=v["format"],
+                          model_size_bytes=v["size"], model_hash=f"sha256:{v['digest']}",
+                          description=v["description"], round_id=v["round_id"], accuracy=v["accuracy"],
+                          loss=v["loss"], metrics=_metrics(v), uploaded_at=v["uploaded_at"])
+
+
+def _digest_of(checksum: str) -> str:
+    digest = checksum.strip().lower().removeprefix("sha256:")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise BadRequest("Field 'checksum' must be the file's sha256, as 64 hex digits or sha256:<hex>.")
+    return digest
 
 
 def _format_status(a: Row) -> FormatStatus:
@@ -121,6 +148,8 @@ class Registry:
         self.pool = ConversionPool(db, blobs, Limits(timeout=config.conversion_timeout,
                                                      memory_bytes=config.conversion_memory_bytes),
                                    config.conversion_workers, utc_now)
+        self.direct = DirectUploads(db, config.data_dir, blobs.tmp, secret)
+        self.federations = Federations(db, utc_now)
 
     @classmethod
     async def open(cls, config: Config) -> Registry:
@@ -149,6 +178,7 @@ class Registry:
             framework=row["framework"], framework_version=row["framework_version"],
             accuracy=row["accuracy"], loss=row["loss"], is_baseline=bool(row["is_baseline"]),
             description=row["description"], created_at=row["created_at"],
+            architecture=json.loads(row["architecture"]) if row["architecture"] else {},
         )
 
     async def _model_row(self, ref: str) -> Row:
@@ -163,9 +193,18 @@ class Registry:
             raise NotFound(f"No model with id or name '{ref[:100]}'.")
         return row
 
+    async def model_row(self, ref: str) -> Row:
+        return await self._model_row(ref)
+
+    def model_of(self, row: Row) -> Model:
+        return self._model(row)
+
     async def create_model(self, req: CreateModel) -> tuple[Model, bool]:
         """Create a model; one with the same name and no contradicting field is returned instead (created False)."""
-        if req.name is not None and (existing := await self.db.get_model(name=req.name)):
+        existing = None
+        if req.name is not None:
+            existing = await self.db.get_model(name=req.name) or await self.db.find_model_nocase(req.name)
+        if req.name is not None and existing:
             clashes = [f for f in ("framework", "use_case") if getattr(req, f) not in (None, existing[f])]
             if clashes:
                 raise Conflict(f"A model named '{req.name}' already exists with a different {clashes[0]}; "
@@ -177,7 +216,7 @@ class Registry:
             await self.db.insert_model(row)
         except sqlite3.IntegrityError:
             raise Conflict(f"A model named '{req.name}' was created at the same moment; retry.") from None
-        return self._model({**row, "digest": None, "size": None}), True
+        return self._model({**row, "digest": None, "size": None, "architecture": None}), True
 
     async def update_model(self, model_id: str, req: UpdateModel) -> Model:
         row = await self._model_row(model_id)
@@ -204,9 +243,11 @@ class Registry:
     async def get_model(self, model_id: str) -> ModelDetail:
         row = await self._model_row(model_id)
         versions = await self.db.list_versions(row["seq"])
+        events = {e["name"]: EventCount(count=e["count"], last_at=e["last_at"])
+                  for e in await self.db.model_events(row["seq"])}
         model = self._model(row)
         return ModelDetail(**{f: getattr(model, f) for f in model.__struct_fields__},
-                           versions=[_summary(v) for v in versions])
+                           versions=[_summary(v) for v in versions], events=events)
 
     # versions
 
@@ -242,8 +283,11 @@ class Registry:
         version = {"label": form.label, "format": fmt, "kind": sniffed.kind, "digest": staged.digest,
                    "size": staged.size, "description": form.description, "round_id": form.round_id,
                    "accuracy": form.accuracy, "loss": form.loss, "uploaded_at": now,
-                   "input_shape": json.dumps(form.input_shape) if form.input_shape else None}
+                   "input_shape": json.dumps(form.input_shape) if form.input_shape else None,
+                   "status": form.status, "metrics": json.dumps(form.metrics) if form.metrics else None}
         figures = {k: getattr(form, k) for k in ("round_id", "accuracy", "loss") if getattr(form, k) is not None}
+        if form.architecture:
+            figures["architecture"] = json.dumps(form.architecture)
 
         async def publish() -> None:
             await self.blobs.commit(staged)
@@ -257,7 +301,7 @@ class Registry:
         if number is None:
             raise NotFound(f"Model '{model_id}' was deleted during the upload.")
         self.pool.wake()
-        return UploadedVersion(model_id=row["id"], version=number, label=form.label, format=fmt,
+        return UploadedVersion(model_id=row["id"], version=number, label=form.label, status=form.status, format=fmt,
                                model_path=self.blobs.uri(staged.digest), model_size_bytes=staged.size,
                                model_hash=f"sha256:{staged.digest}", description=form.description, uploaded_at=now,
                                formats={a["format"]: a["status"] for a in artifacts})
@@ -303,12 +347,112 @@ class Registry:
         for target in TARGETS:
             statuses[target] = FormatStatus(status="on_request", reason="converted on the first download request")
         statuses.update({a["format"]: _format_status(a) for a in await self.db.list_artifacts(v["seq"])})
-        return VersionDetail(model_id=model["id"], version=v["number"], label=v["label"], format=v["format"],
+        return VersionDetail(model_id=model["id"], version=v["number"], label=v["label"], status=v["status"],
+                             format=v["format"],
                              model_path=self.blobs.uri(v["digest"]), model_size_bytes=v["size"],
                              model_hash=f"sha256:{v['digest']}", description=v["description"],
                              round_id=v["round_id"], accuracy=v["accuracy"], loss=v["loss"],
                              input_shape=json.loads(v["input_shape"]) if v["input_shape"] else None,
-                             uploaded_at=v["uploaded_at"], formats=statuses)
+                             metrics=_metrics(v), uploaded_at=v["uploaded_at"], formats=statuses)
+
+    # version lifecycle: draft -> published -> deprecated (any order; setting the same status again is a no-op)
+
+    async def list_versions(self, model_id: str, limit: int, offset: int, status: str | None) -> VersionList:
+        """A page of versions, newest first, optionally of one status."""
+        model = await self._model_row(model_id)
+        rows, total = await self.db.page_versions(model["seq"], limit, offset, status)
+        return VersionList(versions=[_summary(v) for v in rows], total=total, limit=limit, offset=offset)
+
+    async def set_status(self, model_id: str, ref: str, status: str) -> VersionDetail:
+        """Publish or deprecate a version; its bytes stay (deprecated versions still download by number or label)."""
+        assert status in VERSION_STATUSES
+        _, version = await self._version_row(model_id, ref)
+        if version["status"] != status:
+            await self.db.update_version(version["seq"], {"status": status})
+        return await self.get_version(model_id, str(version["number"]))
+
+    async def update_metrics(self, model_id: str, ref: str, req: UpdateMetrics) -> VersionDetail:
+        """Merge metrics of any name into a version's; a null value removes that metric."""
+        _checked_metrics(req.metrics)
+        _, version = await self._version_row(model_id, ref)
+        merged = {**_metrics(version), **req.metrics}
+        kept = {name: value for name, value in merged.items() if value is not None}
+        if len(kept) > MAX_METRICS:
+            raise BadRequest(f"A version keeps at most {MAX_METRICS} metrics.")
+        await self.db.update_version(version["seq"], {"metrics": json.dumps(kept) if kept else None})
+        return await self.get_version(model_id, str(version["number"]))
+
+    async def create_version(self, model_id: str, req: CreateVersion) -> UploadedVersion:
+        """Register bytes already in the store as a version, after checking their size and checksum.
+
+        `storage_path` is the storage_key of a direct upload whose PUT is done, or a stored blob: its model_path
+        URI, sha256:<hex> or <hex>.
+        """
+        _checked_metrics(dict(req.metrics or {}))
+        if req.metrics and len(req.metrics) > MAX_METRICS:
+            raise BadRequest(f"A version keeps at most {MAX_METRICS} metrics.")
+        model = await self._model_row(model_id)
+        digest = _digest_of(req.checksum)
+        form = UploadForm(format=req.format, label=label_of(req.version), description=req.description,
+                          status=req.status, metrics=dict(req.metrics) if req.metrics else None)
+        if is_storage_key(req.storage_path):
+            return await self.confirm_upload(model_id, req.storage_path, req.size_bytes, form, digest)
+        stored = req.storage_path.rsplit("/", 1)[-1].lower().removeprefix("sha256:")
+        if not re.fullmatch(r"[0-9a-f]{64}", stored) or not self.blobs.exists(stored):
+            raise BadRequest("Field 'storage_path' must name bytes already in this registry: a storage_key from "
+                             "upload-url (after its PUT) or a stored blob (model_path, sha256:<hex>).")
+        if stored != digest:
+            raise BadRequest(f"Field 'checksum' (sha256:{digest}) does not match the stored bytes (sha256:{stored}).")
+        staged = await self._stage_stored(stored)
+        try:
+            if staged.size != req.size_bytes:
+                raise BadRequest(f"Field 'size_bytes' ({req.size_bytes}) does not match the stored bytes "
+                                 f"({staged.size} bytes).")
+            return await self.upload_version(model["id"], {"file": UploadedFile(staged, "")}, form)
+        finally:
+            await staged.discard()
+
+    async def _stage_stored(self, digest: str) -> StagedBlob:
+        """A stored blob as staged bytes: a hard link under tmp/, so that discarding it never touches the blob."""
+        link = self.blobs.tmp / f"register-{digest}-{secrets.token_hex(4)}"
+        await asyncio.to_thread(os.link, self.blobs.path(digest), link)
+        staged = StagedBlob(link, None)
+        staged.digest, staged.size = digest, link.stat().st_size
+        with open(link, "rb") as f:
+            staged.head = f.read(HEAD_BYTES)
+        return staged
+
+    # three-step upload (newer Octomil SDKs): upload-url, PUT, confirm-upload
+
+    async def upload_url(self, model_id: str, label: str | None, filename: str) -> tuple[str, str, str]:
+        """(storage_key, signed PUT path, expiry) for one upload of the model's version `label`."""
+        model = await self._model_row(model_id)
+        label = label_of(label)
+        if label is None:
+            raise BadRequest("Form field 'version' (a label such as 1.0.0) is required for upload-url.")
+        if await self.db.get_version(model["seq"], label=label):
+            raise Conflict(f"Model '{model['id']}' already has a version labelled '{label}'.")
+        return await self.direct.create(model, label, filename[:255])
+
+    async def confirm_upload(self, model_id: str, storage_key: str, file_size: int | None, form: UploadForm,
+                             digest: str | None = None) -> UploadedVersion:
+        """Turn a received direct upload into a version, with the checks and conversions of a multipart upload."""
+        model = await self._model_row(model_id)
+        row, staged = await self.direct.claim(model, storage_key)
+        try:
+            if form.label is not None and form.label != row["label"]:
+                raise BadRequest(f"This upload was made for version '{row['label']}', not '{form.label}'.")
+            if file_size is not None and file_size != staged.size:
+                raise BadRequest(f"'file_size' says {file_size} bytes but {staged.size} were received; "
+                                 "ask for a new upload-url and upload again.")
+            if digest is not None and digest != staged.digest:
+                raise BadRequest(f"The checksum sha256:{digest} does not match the received bytes "
+                                 f"(sha256:{staged.digest}).")
+            form.label = row["label"]
+            return await self.upload_version(model["id"], {"file": UploadedFile(staged, row["filename"])}, form)
+        finally:
+            await staged.discard()
+            await self.direct.finish(storage_key)
 
     async def delete_version(self, model_id: str, ref: str) -> None:
         _, version = await self._version_row(model_id, ref)
@@ -369,6 +513,24 @@ class Registry:
             raise OctomilError(f"The stored bytes of {artifact.filename} are missing or unreadable ({exc.strerror}); "
                                "run 'octomil-lite verify'.") from None
 
+    # usage counters (inference and telemetry events)
+
+    async def count_events(self, events: list[tuple[str, str]]) -> int:
+        """Count (model reference, event name) pairs; events of unknown models are accepted but not kept."""
+        counts: dict[tuple[int, str], int] = {}
+        known: dict[str, int | None] = {}
+        for ref, name in events:
+            if ref not in known:
+                try:
+                    known[ref] = (await self._model_row(ref))["seq"]
+                except NotFound:
+                    known[ref] = None
+            if (seq := known[ref]) is not None:
+                counts[seq, name] = counts.get((seq, name), 0) + 1
+        if counts:
+            await self.db.count_events(counts, utc_now(), usage.MAX_NAMES_PER_MODEL)
+        return sum(counts.values())
+
     # maintenance
 
     async def gc(self, grace: float, dry_run: bool) -> dict[str, int]:
@@ -385,7 +547,9 @@ class Registry:
             return {"blobs": len(candidates), "blob_bytes": sizes, "temp_files": temps[0], "temp_bytes": temps[1]}
         count, freed = await self.db.delete_unreferenced(candidates, self.blobs.delete)
         temps = self.blobs.sweep_tmp(older_than=grace)
-        return {"blobs": count, "blob_bytes": freed, "temp_files": temps[0], "temp_bytes": temps[1]}
+        uploads = await self.direct.sweep(grace)
+        return {"blobs": count, "blob_bytes": freed, "temp_files": temps[0], "temp_bytes": temps[1],
+                "expired_uploads": uploads}
 
     async def verify(self) -> tuple[list[str], dict[str, int]]:
         """Re-hash every blob and check every row against the store; return (problems, counts)."""

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from litestar import Controller, HttpMethod, Request, Response, get, post, route
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
 
 from . import usage
@@ -27,9 +28,10 @@ class FederationController(Controller):
     ) -> list[Federation]:
         return await registry.federations.list(name)
 
-    @post("/", opt={"scope": "write"}, status_code=201, responses=_errors())
+    @post("/", opt={"scope": "write"}, status_code=201,
+          responses={**_errors(), 200: ResponseSpec(Federation, description="A federation of that name existed")})
     async def create_federation(self, request: Request[Any, Any, Any], registry: NamedDependency[Registry],
-                                data: JSONBody[CreateFederation | None] = None) -> Response[Federation]:
+                                data: JSONBody[CreateFederation]) -> Response[Federation]:
         federation, created = await registry.federations.create(_decode(await request.body(), CreateFederation))
         return Response(federation, status_code=201 if created else 200)
 
@@ -41,10 +43,11 @@ class FederationController(Controller):
     async def list_models(self, federation_id: FromPath[str], registry: NamedDependency[Registry]) -> list[Model]:
         return [registry.model_of(row) for row in await registry.federations.models(federation_id)]
 
-    @post("/{federation_id:str}/models", opt={"scope": "write"}, status_code=201, responses=_errors())
+    @post("/{federation_id:str}/models", opt={"scope": "write"}, status_code=201,
+          responses={**_errors(), 200: ResponseSpec(Model, description="The model was already in the federation")})
     async def attach_model(self, federation_id: FromPath[str], request: Request[Any, Any, Any],
                            registry: NamedDependency[Registry],
-                           data: JSONBody[AttachModel | None] = None) -> Response[Model]:
+                           data: JSONBody[AttachModel]) -> Response[Model]:
         req = _decode(await request.body(), AttachModel)
         model = await registry.model_row(req.model_id)
         added = await registry.federations.attach(federation_id, model)
@@ -76,7 +79,7 @@ async def telemetry_events(registry: NamedDependency[Registry], data: JSONBody[A
     return EventsAccepted(accepted=seen, counted=await registry.count_events(events))
 
 
-@get("/api/v1/health", opt={"scope": "read"}, sync_to_thread=False)
+@get("/api/v1/health", opt={"scope": "read"}, sync_to_thread=False, responses=_errors())
 def api_health(request: Request[Any, Any, Any]) -> Health:
     """octomil.init() checks its key here: /health, behind the key."""
     return health.fn(request)  # type: ignore[no-any-return]

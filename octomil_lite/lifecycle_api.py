@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
 from litestar import Controller, Request, Response, get, patch, post, put
 from litestar.di import NamedDependency
 from litestar.enums import RequestEncodingType
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import Body, FromPath, FromQuery, JSONBody, QueryParameter
 
 from .controllers import PublicOperation, _chunks, _decode, _errors
 from .errors import BadRequest
 from .registry import Registry
-from .schemas import CreateVersion, UpdateMetrics, UploadedVersion, UploadUrl, VersionDetail, VersionList, VersionStatus
+from .schemas import (
+    MAX_METRICS,
+    CreateVersion,
+    UpdateMetrics,
+    UploadedVersion,
+    UploadUrl,
+    VersionDetail,
+    VersionList,
+    VersionStatus,
+)
 from .uploads import receive_raw, too_large, upload_form
 
 
@@ -28,10 +39,26 @@ class UploadUrlForm(msgspec.Struct, kw_only=True):
 class ConfirmUploadForm(msgspec.Struct, kw_only=True):
     """Form fields of POST .../versions/confirm-upload; the other upload fields (formats, accuracy, ...) also apply."""
 
+    storage_key: str
     version: str | None = None
-    storage_key: str | None = None
     file_size: str | None = None
     description: str | None = None
+
+
+_METRICS_BODY = Schema(type=OpenAPIType.OBJECT, required=["metrics"], properties={"metrics": Schema(
+    type=OpenAPIType.OBJECT, max_properties=MAX_METRICS,
+    property_names=Schema(type=OpenAPIType.STRING, min_length=1, max_length=64, pattern=r"^[^\u0000-\u001f]+$"),
+    additional_properties=Schema(one_of=[Schema(type=OpenAPIType.NUMBER), Schema(type=OpenAPIType.NULL)]),
+    description="Numbers of any name, merged into the version's; null removes one")})
+
+
+@dataclass
+class MetricsOperation(Operation):
+    """Documented by hand: the OpenAPI generator does not describe the rules for a metric's name."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(required=True, content={
+            "application/json": OpenAPIMediaType(schema=_METRICS_BODY)})
 
 
 def _file_size(value: str | None) -> int | None:
@@ -59,7 +86,8 @@ class VersionLifecycleController(Controller):
     @post("/{model_id:str}/versions", opt={"scope": "write"}, status_code=201, responses=_errors(409))
     async def create_version(self, model_id: FromPath[str], request: Request[Any, Any, Any],
                              registry: NamedDependency[Registry],
-                             data: JSONBody[CreateVersion | None] = None) -> UploadedVersion:
+                             data: JSONBody[CreateVersion]) -> UploadedVersion:
+        await registry.require_model(model_id)  # a missing model is a 404 whatever the body holds
         return await registry.create_version(model_id, _decode(await request.body(), CreateVersion))
 
     @post("/{model_id:str}/versions/{version:str}/publish", opt={"scope": "write"}, status_code=200,
@@ -74,10 +102,11 @@ class VersionLifecycleController(Controller):
                         registry: NamedDependency[Registry]) -> VersionDetail:
         return await registry.set_status(model_id, version, "deprecated")
 
-    @patch("/{model_id:str}/versions/{version:str}/metrics", opt={"scope": "write"}, responses=_errors())
+    @patch("/{model_id:str}/versions/{version:str}/metrics", opt={"scope": "write"}, responses=_errors(),
+           operation_class=MetricsOperation)
     async def update_metrics(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
                              registry: NamedDependency[Registry],
-                             data: JSONBody[UpdateMetrics | None] = None) -> VersionDetail:
+                             data: JSONBody[UpdateMetrics]) -> VersionDetail:
         return await registry.update_metrics(model_id, version, _decode(await request.body(), UpdateMetrics))
 
     @post("/{model_id:str}/versions/upload-url", opt={"scope": "write"}, status_code=200, responses=_errors(409))
@@ -95,9 +124,8 @@ class VersionLifecycleController(Controller):
         self, model_id: FromPath[str], request: Request[Any, Any, Any], registry: NamedDependency[Registry],
         data: Annotated[ConfirmUploadForm, Body(media_type=RequestEncodingType.URL_ENCODED)],
     ) -> UploadedVersion:
+        await registry.require_model(model_id)
         fields = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
-        if not data.storage_key:
-            raise BadRequest("Form field 'storage_key' (from upload-url) is required.")
         return await registry.confirm_upload(model_id, data.storage_key, _file_size(data.file_size),
                                              upload_form({**fields, "description": data.description or ""}))
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from .blobstore import BlobStore
 from .db import Database, Row
+from .quantize import QUANTIZED
 from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 
 log = logging.getLogger("octomil_lite.conversions")
@@ -82,13 +83,19 @@ class ConversionPool:
             shutil.rmtree(out_dir, ignore_errors=True)
 
     async def _convert(self, job: Row, out_dir: Path) -> dict[str, Any]:
-        payload = {
+        task, payload = "convert", {
             "src": str(self.blobs.path(job["digest"])), "kind": job["kind"], "framework_hint": job["format"],
             "target": job["target"], "out_dir": str(out_dir),
             "options": {"input_shape": json.loads(job["input_shape"])} if job["input_shape"] else {},
         }
+        if job["target"] in QUANTIZED:  # made from the version's ONNX form, not from its original bytes
+            onnx = await self.db.get_artifact(job["version_seq"], "onnx")
+            if onnx is None or onnx["status"] != "ready":
+                return {"status": "failed", "reason": "the version has no ONNX form to quantize"}
+            task, payload = "quantize", {"src": str(self.blobs.path(onnx["digest"])), "target": job["target"],
+                                         "out_dir": str(out_dir)}
         try:
-            result = await run_task("convert", payload, self.limits, self.blobs.tmp)
+            result = await run_task(task, payload, self.limits, self.blobs.tmp)
         except SandboxError as exc:
             return {"status": "failed", "reason": f"the conversion {exc}"}
         status = result.get("status")
@@ -100,7 +107,7 @@ class ConversionPool:
         if output.parent != out_dir.resolve() or output.is_symlink() or not output.is_file():
             return {"status": "failed", "reason": "the converter wrote its output outside its working directory"}
         signature = None
-        if job["target"] == "onnx":
+        if job["target"] == "onnx" or job["target"] in QUANTIZED:
             try:
                 check = await run_task("check-onnx", {"path": str(output)}, CHECK_LIMITS, self.blobs.tmp)
             except SandboxError as exc:

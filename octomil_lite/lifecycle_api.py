@@ -18,6 +18,8 @@ from .registry import Registry
 from .schemas import (
     MAX_METRICS,
     CreateVersion,
+    OptimizeReport,
+    OptimizeRequest,
     UpdateMetrics,
     UploadedVersion,
     UploadUrl,
@@ -108,6 +110,24 @@ class VersionLifecycleController(Controller):
                              registry: NamedDependency[Registry],
                              data: JSONBody[UpdateMetrics]) -> VersionDetail:
         return await registry.update_metrics(model_id, version, _decode(await request.body(), UpdateMetrics))
+
+    @post("/{model_id:str}/optimize", opt={"scope": "write"}, status_code=200, responses=_errors())
+    async def optimize(self, model_id: FromPath[str], request: Request[Any, Any, Any],
+                       registry: NamedDependency[Registry],
+                       data: JSONBody[OptimizeRequest | None] = None) -> OptimizeReport:
+        await registry.require_model(model_id)
+        return await registry.optimize(model_id, _decode(await request.body(), OptimizeRequest))
+
+    @get("/{model_id:str}/compatibility", opt={"scope": "read"}, responses=_errors())
+    async def compatibility(self, model_id: FromPath[str], registry: NamedDependency[Registry],
+                            devices: Annotated[str | None, QueryParameter(max_length=2000)] = None) -> dict[str, Any]:
+        wanted = [d.strip() for d in (devices or "").split(",") if d.strip()]
+        return await registry.compatibility(model_id, wanted)
+
+    @get("/{model_id:str}/optimized-config/{device:str}", opt={"scope": "read"}, responses=_errors())
+    async def optimized_config(self, model_id: FromPath[str], device: FromPath[str],
+                               registry: NamedDependency[Registry]) -> dict[str, Any]:
+        return await registry.optimized_config(model_id, device[:200])
 
     @post("/{model_id:str}/versions/upload-url", opt={"scope": "write"}, status_code=200, responses=_errors(409))
     async def upload_url(

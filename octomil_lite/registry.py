@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from . import auth, formats, usage
+from . import optimize as optimizing
 from .blobstore import HEAD_BYTES, BlobStore, StagedBlob
 from .config import Config
 from .conversions import TARGETS, ConversionPool
@@ -28,6 +29,7 @@ from .db import Database, Row
 from .direct_uploads import DirectUploads, is_storage_key
 from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
 from .federations import Federations
+from .quantize import QUANTIZED
 from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .schemas import (
     DOWNLOAD_FORMATS,
@@ -40,6 +42,8 @@ from .schemas import (
     Model,
     ModelDetail,
     ModelList,
+    OptimizeReport,
+    OptimizeRequest,
     UpdateMetrics,
     UpdateModel,
     UploadedVersion,
@@ -52,6 +56,7 @@ from .uploads import UploadedFile, label_of
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PENDING_RETRY_AFTER = 2
+OPTIMIZE_WAIT = 45.0  # seconds optimize waits for its variants: under the SDK's 60 s request timeout
 
 
 def utc_now() -> str:
@@ -465,14 +470,20 @@ class Registry:
         number = v["number"]
         if fmt in ("original", v["format"]):
             return Artifact(v["digest"], v["size"], f"model_v{number}{formats.KINDS[v['kind']].ext}")
-        if fmt not in TARGETS:
+        if fmt in QUANTIZED:
+            artifact = await self.db.get_artifact(v["seq"], fmt)
+            if artifact is None:
+                raise NotFound(f"Version {number} has no {fmt} form; make it with POST /models/{{id}}/optimize.")
+        elif fmt not in TARGETS:
             raise NotFound(f"Version {number} is a {v['format']} model; it can be downloaded as original, "
                            f"{', '.join(TARGETS)}, not {fmt}.")
-        artifact = (await self.db.get_artifact(v["seq"], fmt)
-                    or await self.db.request_artifact(v["seq"], fmt, utc_now()))
+        else:
+            artifact = (await self.db.get_artifact(v["seq"], fmt)
+                        or await self.db.request_artifact(v["seq"], fmt, utc_now()))
         status = artifact["status"]
         if status == "ready":
-            return Artifact(artifact["digest"], artifact["size"], f"model_v{number}{TARGETS[fmt]}")
+            suffix = QUANTIZED[fmt] if fmt in QUANTIZED else TARGETS[fmt]
+            return Artifact(artifact["digest"], artifact["size"], f"model_v{number}{suffix}")
         if status in ("pending", "running"):
             self.pool.wake()
             raise NotFound(f"Version {number} is being converted to {fmt} ({status}); retry in a few seconds.",
@@ -512,6 +523,51 @@ class Registry:
         except OSError as exc:
             raise OctomilError(f"The stored bytes of {artifact.filename} are missing or unreadable ({exc.strerror}); "
                                "run 'octomil-lite verify'.") from None
+
+    # optimize (quantized variants made by the conversion pool), compatibility, optimized-config
+
+    async def optimize(self, model_id: str, req: OptimizeRequest, wait: float = OPTIMIZE_WAIT) -> OptimizeReport:
+        """Quantize the newest published version's ONNX form (int8, fp16) and judge the variants."""
+        model, version = await self._version_row(model_id, "latest")
+        onnx = (await optimizing.wait_for(self.db, self.pool, version["seq"], ["onnx"], wait, utc_now)).get("onnx")
+        if onnx is None or onnx["status"] != "ready":
+            status = onnx["status"] if onnx else "missing"
+            if status in ("pending", "running"):
+                raise NotFound(f"Version {version['number']} is still being converted to ONNX; retry in a few seconds.",
+                               headers={"Retry-After": str(PENDING_RETRY_AFTER)})
+            raise NotFound(f"Version {version['number']} has no ONNX form to optimize: {onnx and onnx['reason']}")
+        variants = await optimizing.wait_for(self.db, self.pool, version["seq"], list(QUANTIZED), wait, utc_now)
+        return optimizing.report(model["id"], version, onnx, variants, req)
+
+    async def _formats(self, version: Row) -> dict[str, Row]:
+        return {a["format"]: a for a in await self.db.list_artifacts(version["seq"])}
+
+    async def compatibility(self, model_id: str, devices: list[str]) -> dict[str, Any]:
+        """What the registry knows of the newest published version: size, formats; no device verdicts."""
+        model, version = await self._version_row(model_id, "latest")
+        formats = await self._formats(version)
+        ready = {fmt: a["size"] for fmt, a in formats.items() if a["status"] == "ready"}
+        recommendations = []
+        if "onnx" in ready and not set(QUANTIZED) & set(ready):
+            recommendations.append("call optimize to make onnx-int8 and onnx-fp16 variants with parity figures")
+        for fmt in QUANTIZED:
+            if fmt in ready and "onnx" in ready:
+                recommendations.append(f"format={fmt} is {ready[fmt] / ready['onnx']:.0%} the size of format=onnx")
+        return {"model_id": model["id"], "model_name": model["name"] or model["id"], "version": version["number"],
+                "model_params": None, "model_size_mb": round(version["size"] / optimizing.MB, 6),
+                "feasibility_category": optimizing.size_category(version["size"]),
+                "formats": {fmt: a["status"] for fmt, a in formats.items()}, "format_sizes": ready,
+                "compatible_devices": [], "incompatible_devices": [], "unknown_devices": devices,
+                "summary": optimizing.NO_DEVICE_DATA, "recommendations": recommendations}
+
+    async def optimized_config(self, model_id: str, device: str) -> dict[str, Any]:
+        """The format to fetch for any device (the float ONNX form when there is one) and what else exists."""
+        model, version = await self._version_row(model_id, "latest")
+        formats = await self._formats(version)
+        ready = sorted(fmt for fmt, a in formats.items() if a["status"] == "ready")
+        return {"device": device, "model_id": model["id"], "version": version["number"],
+                "format": "onnx" if "onnx" in ready else "original", "runtime": "onnxruntime",
+                "formats_available": ready, "note": optimizing.NO_DEVICE_DATA}
 
     # usage counters (inference and telemetry events)
 

@@ -11,7 +11,7 @@ UPLOAD_FORMATS = ("pytorch", "tensorflow", "onnx", "sklearn", "xgboost", "lightg
 Framework = Literal["pytorch", "tensorflow", "xgboost", "sklearn"]
 FRAMEWORKS: tuple[str, ...] = get_args(Framework)
 DownloadFormat = Literal["original", "pytorch", "tensorflow", "onnx", "sklearn", "xgboost", "lightgbm", "tflite",
-                         "coreml"]
+                         "coreml", "onnx-int8", "onnx-fp16"]
 DOWNLOAD_FORMATS: tuple[str, ...] = get_args(DownloadFormat)
 Description = Annotated[str, msgspec.Meta(max_length=1000)]
 ShortText = Annotated[str, msgspec.Meta(max_length=200)]
@@ -234,3 +234,41 @@ class UploadForm(msgspec.Struct, kw_only=True):
     architecture: dict[str, Any] | None = None
     status: str = "published"
     metrics: dict[str, float] | None = None
+
+
+class OptimizeRequest(msgspec.Struct, kw_only=True):
+    """POST /models/{id}/optimize (Octomil SDK): quantize the newest published version's ONNX form."""
+
+    accuracy_threshold: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.95
+    target_devices: list[ShortText] | None = None
+    size_budget_mb: Annotated[float, msgspec.Meta(gt=0)] | None = None
+
+
+class Candidate(Schema):
+    """One optimized variant: its size, parity against the float ONNX model, and whether it qualifies."""
+
+    status: str
+    reason: str | None
+    size_bytes: int | None
+    parity: dict[str, Any] | None
+    retention: float | None
+    meets_threshold: bool
+    within_budget: bool
+
+
+class OptimizeReport(Schema):
+    model_id: str
+    version: int
+    feasible: bool
+    reason: str | None
+    criterion: str
+    accuracy_threshold: float
+    original_size_mb: float
+    optimized_size_mb: float | None
+    compression_ratio: float | None
+    optimizations_applied: list[str]
+    converted_paths: dict[str, str]
+    report: dict[str, Candidate]
+    runtime_recommendation: str
+    target_devices: list[str]
+    device_note: str

@@ -111,6 +111,10 @@ def main() -> None:
         result = check_onnx(payload)
     elif task == "fold-onnx":
         result = fold_onnx(payload)
+    elif task == "quantize":
+        from octomil_lite.quantize import quantize
+
+        result = quantize(payload)
     elif task == "convert":
         from octomil_lite.convert import run_job
 

@@ -61,16 +61,13 @@ def report(model_id: str, version: Row, onnx: Row, variants: dict[str, Row], req
         candidates[fmt] = Candidate(status=row["status"], reason=row.get("reason"), size_bytes=size, parity=parity,
                                     retention=kept, meets_threshold=kept is not None and kept >= req.accuracy_threshold,
                                     within_budget=size is not None and (budget is None or size <= budget))
-    good = sorted((c.size_bytes or 0, fmt) for fmt, c in candidates.items() if c.meets_threshold and c.within_budget)
     original = onnx["size"]
+    good = sorted((c.size_bytes or 0, fmt) for fmt, c in candidates.items()
+                  if c.meets_threshold and c.within_budget and (c.size_bytes or 0) < original)
     best = good[0][1] if good else None
     reason = None
     if best is None:
-        reasons = [f"{fmt}: " + (c.reason or (f"keeps {c.retention:.4f} of the float model, below the threshold "
-                                              f"{req.accuracy_threshold}" if not c.meets_threshold else
-                                              f"{c.size_bytes} bytes is over the size budget"))
-                   for fmt, c in candidates.items()]
-        reason = "; ".join(reasons)
+        reason = "; ".join(f"{fmt}: {_why_not(c, req.accuracy_threshold, original)}" for fmt, c in candidates.items())
     base = f"/api/v1/models/{model_id}/versions/{version['number']}/download?format="
     kind = "agreement of predicted labels" if any(
         c.parity and "agreement" in c.parity for c in candidates.values()) else "1 - max relative difference"
@@ -84,6 +81,16 @@ def report(model_id: str, version: Row, onnx: Row, variants: dict[str, Row], req
         report=candidates,
         runtime_recommendation=f"onnxruntime (CPU) with format={best or 'onnx'}",
         target_devices=list(req.target_devices or []), device_note=NO_DEVICE_DATA)
+
+
+def _why_not(c: Candidate, threshold: float, original: int) -> str:
+    if c.reason or c.status != "ready":
+        return c.reason or c.status
+    if not c.meets_threshold:
+        return f"keeps {c.retention:.4f} of the float model, below the threshold {threshold}"
+    if not c.within_budget:
+        return f"{c.size_bytes} bytes is over the size budget"
+    return f"{c.size_bytes} bytes is not smaller than the float ONNX model ({original} bytes)"
 
 
 def size_category(size: int) -> str:

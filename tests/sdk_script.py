@@ -233,6 +233,15 @@ def lifecycle(registry: ModelRegistry, client: FederatedClient, cfg: dict[str, A
     STEPS["octomil_construct"]["value"] = octo.federation.federation_id if octo else None
     step("octomil_registry_list_versions", lambda: octo.registry.list_versions(life_id))
 
+    # optimize, compatibility, device config; the quantized variants download like any format.
+    step("optimize", lambda: registry.optimize(life_id, accuracy_threshold=0.5, target_devices=["pixel_8"]))
+    step("download_fp16", lambda: file_info(registry.download(
+        life_id, "2", os.path.join(out, "life_fp16"), format="onnx-fp16")["model_path"]))
+    step("check_compatibility", lambda: registry.check_compatibility(life_id, ["pixel_8", "iphone_15"]))
+    step("get_device_config", lambda: registry.get_device_config(life_id, "pixel_8"))
+    step("download_for_device", lambda: file_info(registry.download(
+        life_id, "2", os.path.join(out, "life_device"), device_type="pixel_8")["model_path"]))
+
     # Telemetry and inference events, counted per model.
     step("init", lambda: octomil.init(api_key=token(), api_base=api_base))
 

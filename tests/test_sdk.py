@@ -365,3 +365,22 @@ def test_calls_that_need_the_hosted_platform_fail_cleanly(sdk: SdkRun) -> None:
     """Rollouts are not part of a registry: a JSON 404 the SDK raises on, never a 500."""
     last = sdk.requests("federation_deploy")[-1]
     assert last["status"] == 404 and "error" in json.loads(last["body"])
+
+
+def test_optimize_compatibility_and_device_config(sdk: SdkRun) -> None:
+    got = sdk.step("optimize")
+    assert sdk.requests("optimize")[-1]["json"] == {"accuracy_threshold": 0.5, "target_devices": ["pixel_8"]}
+    assert {"feasible", "original_size_mb", "optimized_size_mb", "compression_ratio", "optimizations_applied",
+            "converted_paths", "report", "runtime_recommendation"} <= set(got)
+    assert got["version"] == 2 and set(got["report"]) == {"onnx-int8", "onnx-fp16"}
+    # A LinearRegressor is one ai.onnx.ml node: onnxruntime cannot int8-quantize it and says so; fp16 works but
+    # saves nothing, so the answer is an honest "not feasible", with both reasons.
+    int8, fp16 = got["report"]["onnx-int8"], got["report"]["onnx-fp16"]
+    assert int8["status"] == "impossible" and int8["reason"], int8
+    assert fp16["status"] == "ready" and fp16["parity"]["max_abs_diff"] < 0.01, fp16
+    assert got["feasible"] is False and "onnx-int8:" in got["reason"] and "onnx-fp16:" in got["reason"], got
+    assert sdk.step("download_fp16")["size"] == fp16["size_bytes"]
+    compat = sdk.step("check_compatibility")
+    assert compat["unknown_devices"] == ["pixel_8", "iphone_15"] and compat["compatible_devices"] == []
+    assert sdk.step("get_device_config")["format"] == "onnx"
+    assert Path(sdk.step("download_for_device")["path"]).read_bytes() == sdk.files["onnx_v2"]

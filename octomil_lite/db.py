@@ -322,6 +322,13 @@ class Database:
         async with self.transaction() as conn:
             await conn.execute("DELETE FROM direct_uploads WHERE storage_key = ?", (storage_key,))
 
+    async def recover_direct_uploads(self) -> None:
+        """After a restart: a PUT cut short stored nothing (its URL works again); a confirm cut short lost its
+        staged bytes with tmp/ (the upload is gone)."""
+        async with self.transaction() as conn:
+            await conn.execute("UPDATE direct_uploads SET state = 'awaiting' WHERE state = 'receiving'")
+            await conn.execute("DELETE FROM direct_uploads WHERE state = 'confirming'")
+
     async def expired_direct_uploads(self, before: int) -> list[Row]:
         return await self._all("SELECT * FROM direct_uploads WHERE expires < ?", (before,))
 

@@ -166,6 +166,7 @@ class Registry:
     async def start(self) -> None:
         """Serving: sweep leftovers of a previous run and start converting."""
         self.blobs.sweep_tmp()
+        await self.db.recover_direct_uploads()
         await self.pool.start()
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -158,3 +159,21 @@ async def test_expired_upload_urls_are_refused_and_swept(api: Api, onnx_bytes: b
                                     data={"storage_key": storage_key, "file_size": "1"}, headers=api.headers)
     assert confirm.status_code == 400 and "expired" in confirm.json()["message"]
     assert await api.on_app(api.registry.db.get_direct_upload, storage_key) is None
+
+
+def test_a_put_cut_short_by_a_restart_can_be_sent_again(setup: Any, onnx_bytes: bytes) -> None:
+
+    server, client, base, model = setup
+    body = _upload_url(client, base, model["id"], "1.0.0", "model.onnx").json()
+    server.stop()
+    with sqlite3.connect(server.data_dir / "registry.sqlite3") as db:  # as a server killed mid-PUT leaves it
+        db.execute("UPDATE direct_uploads SET state = 'receiving'")
+    again = Server(server.data_dir)
+    try:
+        url = body["upload_url"].replace(server.url, again.url)
+        assert _put(url, onnx_bytes).status_code == 200
+        with httpx.Client(headers=client.headers, timeout=60) as c:
+            done = _confirm(c, f"{again.url}/api/v1", model["id"], "1.0.0", body["storage_key"], len(onnx_bytes))
+        assert done.status_code == 201, done.text
+    finally:
+        again.stop()

@@ -162,7 +162,6 @@ async def test_expired_upload_urls_are_refused_and_swept(api: Api, onnx_bytes: b
 
 
 def test_a_put_cut_short_by_a_restart_can_be_sent_again(setup: Any, onnx_bytes: bytes) -> None:
-
     server, client, base, model = setup
     body = _upload_url(client, base, model["id"], "1.0.0", "model.onnx").json()
     server.stop()

@@ -147,7 +147,7 @@ class VersionLifecycleController(Controller):
         await registry.require_model(model_id)
         fields = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
         return await registry.confirm_upload(model_id, data.storage_key, _file_size(data.file_size),
-                                             upload_form({**fields, "description": data.description or ""}))
+                                             upload_form(fields))
 
 
 @put("/signed/models/{model_id:str}/uploads/{storage_key:str}", opt={"public": True}, request_max_body_size=None,

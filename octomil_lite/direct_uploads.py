@@ -16,9 +16,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from .blobstore import HEAD_BYTES, StagedBlob
-from .db import Database, Row
 from .errors import BadRequest, Conflict, Forbidden, NotFound
+from .storage import BlobStore, MetadataStore, Row, StagedBlob
 
 _KEY_PREFIX = "upload-"
 UPLOAD_URL_TTL = 3600
@@ -39,11 +38,11 @@ def is_storage_key(value: str) -> bool:
 class DirectUploads:
     """Pending direct uploads: a row each in the metadata store, received bytes under data/uploads/."""
 
-    def __init__(self, db: Database, data_dir: Path, tmp: Path, secret: bytes):
+    def __init__(self, db: MetadataStore, blobs: BlobStore, data_dir: Path, secret: bytes):
         self.db = db
+        self.blobs = blobs
         self.dir = data_dir / "uploads"
         self.dir.mkdir(mode=0o700, exist_ok=True)
-        self.tmp = tmp
         self._secret = secret
 
     def _signature(self, model_id: str, label: str, storage_key: str, expires: int) -> str:
@@ -106,16 +105,13 @@ class DirectUploads:
                              "first, then confirm.")
         if not await self.db.move_direct_upload(storage_key, RECEIVED, CONFIRMING):
             raise Conflict("This upload was already confirmed (or is being confirmed now).")
-        staging = self.tmp / f"confirm-{storage_key}"
+        staging = self.blobs.tmp / f"confirm-{storage_key}"
         try:
             await asyncio.to_thread(os.replace, self.dir / storage_key, staging)
         except FileNotFoundError:
             await self.finish(storage_key)
             raise BadRequest("The received bytes of this upload are gone (removed by gc); upload again.") from None
-        staged = StagedBlob(staging, None)
-        staged.digest, staged.size = row["digest"], row["size"]
-        staged.head = await asyncio.to_thread(_head, staging)
-        return row, staged
+        return row, await self.blobs.stage_file(staging)  # hashed again: the bytes are checked, not trusted
 
     async def finish(self, storage_key: str) -> None:
         await self.db.delete_direct_upload(storage_key)
@@ -135,8 +131,3 @@ class DirectUploads:
                 entry.unlink(missing_ok=True)
                 count += 1
         return count
-
-
-def _head(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(HEAD_BYTES)

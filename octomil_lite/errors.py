@@ -56,11 +56,6 @@ class RateLimited(OctomilError):
     code = "rate_limited"
 
 
-class StorageFull(OctomilError):
-    status = 507
-    code = "insufficient_storage"
-
-
 class NotImplementedHere(OctomilError):
     """Part of the hosted Octomil platform that a one-organisation registry does not have."""
 

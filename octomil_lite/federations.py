@@ -5,13 +5,13 @@ Invitations, members and cross-organisation analytics need the hosted platform a
 
 from __future__ import annotations
 
-import sqlite3
 import uuid
 from collections.abc import Callable
 
-from .db import Database, Row
+from . import storage
 from .errors import NotFound
 from .schemas import CreateFederation, Federation
+from .storage import MetadataStore, Row
 
 HOSTED_ONLY = ("{what} needs the hosted Octomil platform: octomil-lite is one organisation's registry, with "
                "no other organisations to invite, join or analyse across.")
@@ -23,7 +23,7 @@ def _federation(row: Row) -> Federation:
 
 
 class Federations:
-    def __init__(self, db: Database, now: Callable[[], str]):
+    def __init__(self, db: MetadataStore, now: Callable[[], str]):
         self.db = db
         self.now = now
 
@@ -47,7 +47,7 @@ class Federations:
                "created_at": self.now()}
         try:
             await self.db.insert_federation(row)
-        except sqlite3.IntegrityError:  # created at the same moment by another request
+        except storage.Conflict:  # created at the same moment by another request
             existing = await self.db.get_federation(name=req.name)
             assert existing is not None
             return _federation(existing), False

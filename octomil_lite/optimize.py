@@ -10,14 +10,20 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .conversions import ConversionPool
-from .db import Database, Row
-from .quantize import QUANTIZED
+from .convert.pool import ConversionPool
+from .convert.quantize import QUANTIZED
+from .errors import NotFound
 from .schemas import Candidate, OptimizeReport, OptimizeRequest
+from .storage import MetadataStore, Row
+
+if TYPE_CHECKING:
+    from .registry import Registry
 
 MB = 1024 * 1024
+OPTIMIZE_WAIT = 45.0  # seconds optimize waits for its variants: under the SDK's 60 s request timeout
+RETRY_AFTER = 2
 NO_DEVICE_DATA = ("octomil-lite has no device profiles: target_devices are recorded, not evaluated; the "
                   "variants are judged by size and by parity with the float ONNX model on sample inputs.")
 _OPTIMIZATIONS = {"onnx-int8": "dynamic_int8_quantization", "onnx-fp16": "fp16_conversion"}
@@ -34,7 +40,7 @@ def retention(parity: dict[str, Any] | None) -> float | None:
     return max(0.0, 1.0 - float(parity.get("max_rel_diff", 1.0)))
 
 
-async def wait_for(db: Database, pool: ConversionPool, version_seq: int, formats: list[str], timeout: float,
+async def wait_for(db: MetadataStore, pool: ConversionPool, version_seq: int, formats: list[str], timeout: float,
                    now: Callable[[], str]) -> dict[str, Row]:
     """Ask for each format of the version (if not asked already) and wait until each is done or `timeout`."""
     for fmt in formats:
@@ -96,3 +102,56 @@ def _why_not(c: Candidate, threshold: float, original: int) -> str:
 def size_category(size: int) -> str:
     """A coarse class by file size alone (no device data): tiny < 10 MB <= small < 100 MB <= medium < 1 GB."""
     return "tiny" if size < 10 * MB else "small" if size < 100 * MB else "medium" if size < 1024 * MB else "large"
+
+
+class Optimizer:
+    """The registry's optimize, compatibility and optimized-config."""
+
+    def __init__(self, registry: Registry, now: Callable[[], str], wait: float = OPTIMIZE_WAIT):
+        self.registry = registry
+        self.now = now
+        self.wait = wait
+
+    async def optimize(self, model_id: str, req: OptimizeRequest) -> OptimizeReport:
+        """Quantize the newest published version's ONNX form (int8, fp16) and judge the variants."""
+        model, version = await self.registry.version_row(model_id, "latest")
+        db, pool = self.registry.db, self.registry.pool
+        onnx = (await wait_for(db, pool, version["seq"], ["onnx"], self.wait, self.now)).get("onnx")
+        if onnx is None or onnx["status"] != "ready":
+            status = onnx["status"] if onnx else "missing"
+            if status in ("pending", "running"):
+                raise NotFound(f"Version {version['number']} is still being converted to ONNX; retry in a few seconds.",
+                               headers={"Retry-After": str(RETRY_AFTER)})
+            raise NotFound(f"Version {version['number']} has no ONNX form to optimize: {onnx and onnx['reason']}")
+        variants = await wait_for(db, pool, version["seq"], list(QUANTIZED), self.wait, self.now)
+        return report(model["id"], version, onnx, variants, req)
+
+    async def _formats(self, version: Row) -> dict[str, Row]:
+        return {a["format"]: a for a in await self.registry.db.list_artifacts(version["seq"])}
+
+    async def compatibility(self, model_id: str, devices: list[str]) -> dict[str, Any]:
+        """What the registry knows of the newest published version: size, formats; no device verdicts."""
+        model, version = await self.registry.version_row(model_id, "latest")
+        formats = await self._formats(version)
+        ready = {fmt: a["size"] for fmt, a in formats.items() if a["status"] == "ready"}
+        recommendations = []
+        if "onnx" in ready and not set(QUANTIZED) & set(ready):
+            recommendations.append("call optimize to make onnx-int8 and onnx-fp16 variants with parity figures")
+        for fmt in QUANTIZED:
+            if fmt in ready and "onnx" in ready:
+                recommendations.append(f"format={fmt} is {ready[fmt] / ready['onnx']:.0%} the size of format=onnx")
+        return {"model_id": model["id"], "model_name": model["name"] or model["id"], "version": version["number"],
+                "model_params": None, "model_size_mb": round(version["size"] / MB, 6),
+                "feasibility_category": size_category(version["size"]),
+                "formats": {fmt: a["status"] for fmt, a in formats.items()}, "format_sizes": ready,
+                "compatible_devices": [], "incompatible_devices": [], "unknown_devices": devices,
+                "summary": NO_DEVICE_DATA, "recommendations": recommendations}
+
+    async def optimized_config(self, model_id: str, device: str) -> dict[str, Any]:
+        """The format to fetch for any device (the float ONNX form when there is one) and what else exists."""
+        model, version = await self.registry.version_row(model_id, "latest")
+        formats = await self._formats(version)
+        ready = sorted(fmt for fmt, a in formats.items() if a["status"] == "ready")
+        return {"device": device, "model_id": model["id"], "version": version["number"],
+                "format": "onnx" if "onnx" in ready else "original", "runtime": "onnxruntime",
+                "formats_available": ready, "note": NO_DEVICE_DATA}

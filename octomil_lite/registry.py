@@ -6,11 +6,9 @@ import asyncio
 import hashlib
 import hmac
 import json
-import math
 import os
 import re
 import secrets
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,43 +18,33 @@ from typing import Any
 
 import msgspec
 
-from . import auth, formats, usage
-from . import optimize as optimizing
-from .blobstore import HEAD_BYTES, BlobStore, StagedBlob
+from . import auth, formats, storage
 from .config import Config
-from .conversions import TARGETS, ConversionPool
-from .db import Database, Row
-from .direct_uploads import DirectUploads, is_storage_key
+from .convert.pool import TARGETS, ConversionPool
+from .convert.quantize import QUANTIZED
+from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
+from .direct_uploads import DirectUploads
 from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
 from .federations import Federations
-from .quantize import QUANTIZED
-from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
+from .lifecycle import Lifecycle, UploadedFile, metrics_of, version_summary
+from .optimize import Optimizer
 from .schemas import (
     DOWNLOAD_FORMATS,
-    MAX_METRICS,
-    VERSION_STATUSES,
     CreateModel,
-    CreateVersion,
     EventCount,
     FormatStatus,
     Model,
     ModelDetail,
     ModelList,
-    OptimizeReport,
-    OptimizeRequest,
-    UpdateMetrics,
     UpdateModel,
     UploadedVersion,
     UploadForm,
     VersionDetail,
-    VersionList,
-    VersionSummary,
 )
-from .uploads import UploadedFile, label_of
+from .storage import BlobStore, MetadataStore, Row, StagedBlob
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PENDING_RETRY_AFTER = 2
-OPTIMIZE_WAIT = 45.0  # seconds optimize waits for its variants: under the SDK's 60 s request timeout
 
 
 def utc_now() -> str:
@@ -110,30 +98,6 @@ def _canonical_uuid(value: str) -> str | None:
         return None
 
 
-def _metrics(v: Row) -> dict[str, float]:
-    return json.loads(v["metrics"]) if v["metrics"] else {}
-
-
-def _checked_metrics(metrics: dict[str, float | None]) -> None:
-    for name, value in metrics.items():
-        if value is not None and not math.isfinite(value):
-            raise BadRequest(f"Metric '{name}' must be a finite number.")
-
-
-def _summary(v: Row) -> VersionSummary:
-    return VersionSummary(version=v["number"], label=v["label"], status=v["status"], format=v["format"],
-                          model_size_bytes=v["size"], model_hash=f"sha256:{v['digest']}",
-                          description=v["description"], round_id=v["round_id"], accuracy=v["accuracy"],
-                          loss=v["loss"], metrics=_metrics(v), uploaded_at=v["uploaded_at"])
-
-
-def _digest_of(checksum: str) -> str:
-    digest = checksum.strip().lower().removeprefix("sha256:")
-    if not re.fullmatch(r"[0-9a-f]{64}", digest):
-        raise BadRequest("Field 'checksum' must be the file's sha256, as 64 hex digits or sha256:<hex>.")
-    return digest
-
-
 def _format_status(a: Row) -> FormatStatus:
     return FormatStatus(status=a["status"], reason=a["reason"], model_size_bytes=a["size"],
                         model_hash=f"sha256:{a['digest']}" if a["digest"] else None,
@@ -145,7 +109,7 @@ def _format_status(a: Row) -> FormatStatus:
 class Registry:
     """Models, versions, blobs, conversions and keys of one data directory."""
 
-    def __init__(self, config: Config, db: Database, blobs: BlobStore, secret: bytes):
+    def __init__(self, config: Config, db: MetadataStore, blobs: BlobStore, secret: bytes):
         self.config = config
         self.db = db
         self.blobs = blobs
@@ -153,14 +117,15 @@ class Registry:
         self.pool = ConversionPool(db, blobs, Limits(timeout=config.conversion_timeout,
                                                      memory_bytes=config.conversion_memory_bytes),
                                    config.conversion_workers, utc_now)
-        self.direct = DirectUploads(db, config.data_dir, blobs.tmp, secret)
+        self.direct = DirectUploads(db, blobs, config.data_dir, secret)
         self.federations = Federations(db, utc_now)
+        self.lifecycle = Lifecycle(self)
+        self.optimizer = Optimizer(self, utc_now)
 
     @classmethod
     async def open(cls, config: Config) -> Registry:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        blobs = BlobStore(config.data_dir)
-        db = await Database.open(config.data_dir / "registry.sqlite3")
+        db, blobs = await storage.open_stores(config.data_dir)
         return cls(config, db, blobs, _secret(config.data_dir / "secret.key"))
 
     async def start(self) -> None:
@@ -187,7 +152,7 @@ class Registry:
             architecture=json.loads(row["architecture"]) if row["architecture"] else {},
         )
 
-    async def _model_row(self, ref: str) -> Row:
+    async def model_row(self, ref: str) -> Row:
         """A model by its id or (Octomil SDK style) its unique name."""
         model_id = _canonical_uuid(ref)
         row = None
@@ -199,18 +164,12 @@ class Registry:
             raise NotFound(f"No model with id or name '{ref[:100]}'.")
         return row
 
-    async def model_row(self, ref: str) -> Row:
-        return await self._model_row(ref)
-
     def model_of(self, row: Row) -> Model:
         return self._model(row)
 
     async def create_model(self, req: CreateModel) -> tuple[Model, bool]:
         """Create a model; one with the same name and no contradicting field is returned instead (created False)."""
-        existing = None
-        if req.name is not None:
-            existing = await self.db.get_model(name=req.name) or await self.db.find_model_nocase(req.name)
-        if req.name is not None and existing:
+        if req.name is not None and (existing := await self.db.find_model_nocase(req.name)):
             clashes = [f for f in ("framework", "use_case") if getattr(req, f) not in (None, existing[f])]
             if clashes:
                 raise Conflict(f"A model named '{req.name}' already exists with a different {clashes[0]}; "
@@ -220,23 +179,23 @@ class Registry:
         row.update(id=str(uuid.uuid4()), is_baseline=int(bool(req.is_baseline)), created_at=utc_now())
         try:
             await self.db.insert_model(row)
-        except sqlite3.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"A model named '{req.name}' was created at the same moment; retry.") from None
         return self._model({**row, "digest": None, "size": None, "architecture": None}), True
 
     async def update_model(self, model_id: str, req: UpdateModel) -> Model:
-        row = await self._model_row(model_id)
+        row = await self.model_row(model_id)
         fields = {f: getattr(req, f) for f in req.__struct_fields__ if getattr(req, f) is not msgspec.UNSET}
         if "is_baseline" in fields:
             fields["is_baseline"] = int(fields["is_baseline"])
         try:
             await self.db.update_model(row["seq"], fields)
-        except sqlite3.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"A model named '{fields.get('name')}' already exists; names are unique.") from None
         return self._model({**row, **fields})
 
     async def delete_model(self, model_id: str) -> None:
-        row = await self._model_row(model_id)
+        row = await self.model_row(model_id)
         if not await self.db.delete_model(row["seq"]):
             raise NotFound(f"No model with id '{model_id}'.")
 
@@ -247,26 +206,26 @@ class Registry:
         return ModelList(models=[self._model(r) for r in rows], total=total, limit=limit, offset=offset)
 
     async def get_model(self, model_id: str) -> ModelDetail:
-        row = await self._model_row(model_id)
+        row = await self.model_row(model_id)
         versions = await self.db.list_versions(row["seq"])
         events = {e["name"]: EventCount(count=e["count"], last_at=e["last_at"])
                   for e in await self.db.model_events(row["seq"])}
         model = self._model(row)
         return ModelDetail(**{f: getattr(model, f) for f in model.__struct_fields__},
-                           versions=[_summary(v) for v in versions], events=events)
+                           versions=[version_summary(v) for v in versions], events=events)
 
     # versions
 
     async def require_model(self, model_id: str) -> None:
         """Fail fast (before an upload body is read) when the model does not exist."""
-        await self._model_row(model_id)
+        await self.model_row(model_id)
 
     def stage_upload(self) -> StagedBlob:
         return self.blobs.stage()
 
     async def upload_version(self, model_id: str, files: dict[str, UploadedFile], form: UploadForm) -> UploadedVersion:
         """Turn finished, staged bytes into the model's next version (the caller discards the staged files)."""
-        row = await self._model_row(model_id)
+        row = await self.model_row(model_id)
         upload = files["file"]
         staged = upload.staged
         if staged.size == 0:
@@ -300,7 +259,7 @@ class Registry:
 
         try:
             number = await self.db.insert_version(row["seq"], version, figures, artifacts, publish)
-        except sqlite3.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"Model '{row['id']}' already has a version labelled '{form.label}'.") from None
         finally:
             await staged.discard()
@@ -331,9 +290,9 @@ class Registry:
             raise BadRequest(f"The file is not a valid ONNX model: {result.get('reason')}.")
         return result
 
-    async def _version_row(self, model_id: str, ref: str) -> tuple[Row, Row]:
+    async def version_row(self, model_id: str, ref: str) -> tuple[Row, Row]:
         """(model, version) for a version number, label or 'latest'."""
-        model = await self._model_row(model_id)
+        model = await self.model_row(model_id)
         if ref == "latest":
             version = await self.db.get_version(model["seq"])
         elif ref.isdigit() and len(ref) < 10:
@@ -347,7 +306,7 @@ class Registry:
         return model, version
 
     async def get_version(self, model_id: str, ref: str) -> VersionDetail:
-        model, v = await self._version_row(model_id, ref)
+        model, v = await self.version_row(model_id, ref)
         statuses = {v["format"]: FormatStatus(status="ready", model_size_bytes=v["size"],
                                               model_hash=f"sha256:{v['digest']}", updated_at=v["uploaded_at"])}
         for target in TARGETS:
@@ -359,132 +318,29 @@ class Registry:
                              model_hash=f"sha256:{v['digest']}", description=v["description"],
                              round_id=v["round_id"], accuracy=v["accuracy"], loss=v["loss"],
                              input_shape=json.loads(v["input_shape"]) if v["input_shape"] else None,
-                             metrics=_metrics(v), uploaded_at=v["uploaded_at"], formats=statuses)
-
-    # version lifecycle: draft -> published -> deprecated (any order; setting the same status again is a no-op)
-
-    async def list_versions(self, model_id: str, limit: int, offset: int, status: str | None) -> VersionList:
-        """A page of versions, newest first, optionally of one status."""
-        model = await self._model_row(model_id)
-        rows, total = await self.db.page_versions(model["seq"], limit, offset, status)
-        return VersionList(versions=[_summary(v) for v in rows], total=total, limit=limit, offset=offset)
-
-    async def set_status(self, model_id: str, ref: str, status: str) -> VersionDetail:
-        """Publish or deprecate a version; its bytes stay (deprecated versions still download by number or label)."""
-        assert status in VERSION_STATUSES
-        _, version = await self._version_row(model_id, ref)
-        if version["status"] != status:
-            await self.db.update_version(version["seq"], {"status": status})
-        return await self.get_version(model_id, str(version["number"]))
-
-    async def update_metrics(self, model_id: str, ref: str, req: UpdateMetrics) -> VersionDetail:
-        """Merge metrics of any name into a version's; a null value removes that metric."""
-        _checked_metrics(req.metrics)
-        _, version = await self._version_row(model_id, ref)
-        merged = {**_metrics(version), **req.metrics}
-        kept = {name: value for name, value in merged.items() if value is not None}
-        if len(kept) > MAX_METRICS:
-            raise BadRequest(f"A version keeps at most {MAX_METRICS} metrics.")
-        await self.db.update_version(version["seq"], {"metrics": json.dumps(kept) if kept else None})
-        return await self.get_version(model_id, str(version["number"]))
-
-    async def create_version(self, model_id: str, req: CreateVersion) -> UploadedVersion:
-        """Register bytes already in the store as a version, after checking their size and checksum.
-
-        `storage_path` is the storage_key of a direct upload whose PUT is done, or a stored blob: its model_path
-        URI, sha256:<hex> or <hex>.
-        """
-        _checked_metrics(dict(req.metrics or {}))
-        if req.metrics and len(req.metrics) > MAX_METRICS:
-            raise BadRequest(f"A version keeps at most {MAX_METRICS} metrics.")
-        model = await self._model_row(model_id)
-        digest = _digest_of(req.checksum)
-        form = UploadForm(format=req.format, label=label_of(req.version), description=req.description,
-                          status=req.status, metrics=dict(req.metrics) if req.metrics else None)
-        if is_storage_key(req.storage_path):
-            return await self.confirm_upload(model_id, req.storage_path, req.size_bytes, form, digest)
-        stored = req.storage_path.rsplit("/", 1)[-1].lower().removeprefix("sha256:")
-        if not re.fullmatch(r"[0-9a-f]{64}", stored) or not self.blobs.exists(stored):
-            raise BadRequest("Field 'storage_path' must name bytes already in this registry: a storage_key from "
-                             "upload-url (after its PUT) or a stored blob (model_path, sha256:<hex>).")
-        if stored != digest:
-            raise BadRequest(f"Field 'checksum' (sha256:{digest}) does not match the stored bytes (sha256:{stored}).")
-        staged = await self._stage_stored(stored)
-        try:
-            if staged.size != req.size_bytes:
-                raise BadRequest(f"Field 'size_bytes' ({req.size_bytes}) does not match the stored bytes "
-                                 f"({staged.size} bytes).")
-            return await self.upload_version(model["id"], {"file": UploadedFile(staged, "")}, form)
-        finally:
-            await staged.discard()
-
-    async def _stage_stored(self, digest: str) -> StagedBlob:
-        """A stored blob as staged bytes: a hard link under tmp/, so that discarding it never touches the blob."""
-        link = self.blobs.tmp / f"register-{digest}-{secrets.token_hex(4)}"
-        await asyncio.to_thread(os.link, self.blobs.path(digest), link)
-        staged = StagedBlob(link, None)
-        staged.digest, staged.size = digest, link.stat().st_size
-        with open(link, "rb") as f:
-            staged.head = f.read(HEAD_BYTES)
-        return staged
-
-    # three-step upload (newer Octomil SDKs): upload-url, PUT, confirm-upload
-
-    async def upload_url(self, model_id: str, label: str | None, filename: str) -> tuple[str, str, str]:
-        """(storage_key, signed PUT path, expiry) for one upload of the model's version `label`."""
-        model = await self._model_row(model_id)
-        label = label_of(label)
-        if label is None:
-            raise BadRequest("Form field 'version' (a label such as 1.0.0) is required for upload-url.")
-        if await self.db.get_version(model["seq"], label=label):
-            raise Conflict(f"Model '{model['id']}' already has a version labelled '{label}'.")
-        return await self.direct.create(model, label, filename[:255])
-
-    async def confirm_upload(self, model_id: str, storage_key: str, file_size: int | None, form: UploadForm,
-                             digest: str | None = None) -> UploadedVersion:
-        """Turn a received direct upload into a version, with the checks and conversions of a multipart upload."""
-        model = await self._model_row(model_id)
-        row, staged = await self.direct.claim(model, storage_key)
-        try:
-            if form.label is not None and form.label != row["label"]:
-                raise BadRequest(f"This upload was made for version '{row['label']}', not '{form.label}'.")
-            if file_size is not None and file_size != staged.size:
-                raise BadRequest(f"'file_size' says {file_size} bytes but {staged.size} were received; "
-                                 "ask for a new upload-url and upload again.")
-            if digest is not None and digest != staged.digest:
-                raise BadRequest(f"The checksum sha256:{digest} does not match the received bytes "
-                                 f"(sha256:{staged.digest}).")
-            form.label = row["label"]
-            return await self.upload_version(model["id"], {"file": UploadedFile(staged, row["filename"])}, form)
-        finally:
-            await staged.discard()
-            await self.direct.finish(storage_key)
+                             metrics=metrics_of(v), uploaded_at=v["uploaded_at"], formats=statuses)
 
     async def delete_version(self, model_id: str, ref: str) -> None:
-        _, version = await self._version_row(model_id, ref)
+        _, version = await self.version_row(model_id, ref)
         await self.db.delete_version(version["seq"])
 
     async def find_artifact(self, model_id: str, ref: str, fmt: str | None) -> Artifact:
         """The bytes to serve for (model, version, format), or a NotFound saying why (and when pending, when)."""
         fmt = _download_format(fmt)
-        _, v = await self._version_row(model_id, ref)
+        _, v = await self.version_row(model_id, ref)
         number = v["number"]
         if fmt in ("original", v["format"]):
             return Artifact(v["digest"], v["size"], f"model_v{number}{formats.KINDS[v['kind']].ext}")
-        if fmt in QUANTIZED:
-            artifact = await self.db.get_artifact(v["seq"], fmt)
-            if artifact is None:
-                raise NotFound(f"Version {number} has no {fmt} form; make it with POST /models/{{id}}/optimize.")
-        elif fmt not in TARGETS:
+        if fmt not in TARGETS and fmt not in QUANTIZED:
             raise NotFound(f"Version {number} is a {v['format']} model; it can be downloaded as original, "
                            f"{', '.join(TARGETS)}, not {fmt}.")
-        else:
-            artifact = (await self.db.get_artifact(v["seq"], fmt)
-                        or await self.db.request_artifact(v["seq"], fmt, utc_now()))
+        artifact = await self.db.get_artifact(v["seq"], fmt)
+        if artifact is None and fmt in QUANTIZED:  # made by optimize only, never on a download
+            raise NotFound(f"Version {number} has no {fmt} form; make it with POST /models/{{id}}/optimize.")
+        artifact = artifact or await self.db.request_artifact(v["seq"], fmt, utc_now())
         status = artifact["status"]
         if status == "ready":
-            suffix = QUANTIZED[fmt] if fmt in QUANTIZED else TARGETS[fmt]
-            return Artifact(artifact["digest"], artifact["size"], f"model_v{number}{suffix}")
+            return Artifact(artifact["digest"], artifact["size"], f"model_v{number}{({**TARGETS, **QUANTIZED})[fmt]}")
         if status in ("pending", "running"):
             self.pool.wake()
             raise NotFound(f"Version {number} is being converted to {fmt} ({status}); retry in a few seconds.",
@@ -500,7 +356,7 @@ class Registry:
     async def sign_download(self, model_id: str, ref: str, fmt: str | None, ttl: int) -> tuple[str, str]:
         """A key-less path (with query) to one version's format, valid for `ttl` seconds, and its expiry time."""
         fmt = _download_format(fmt)
-        model, version = await self._version_row(model_id, ref)
+        model, version = await self.version_row(model_id, ref)
         expires = int(time.time()) + ttl
         signature = self._signature(model["id"], version["number"], fmt, expires)
         path = (f"/signed/models/{model['id']}/versions/{version['number']}/download"
@@ -525,114 +381,6 @@ class Registry:
             raise OctomilError(f"The stored bytes of {artifact.filename} are missing or unreadable ({exc.strerror}); "
                                "run 'octomil-lite verify'.") from None
 
-    # optimize (quantized variants made by the conversion pool), compatibility, optimized-config
-
-    async def optimize(self, model_id: str, req: OptimizeRequest, wait: float = OPTIMIZE_WAIT) -> OptimizeReport:
-        """Quantize the newest published version's ONNX form (int8, fp16) and judge the variants."""
-        model, version = await self._version_row(model_id, "latest")
-        onnx = (await optimizing.wait_for(self.db, self.pool, version["seq"], ["onnx"], wait, utc_now)).get("onnx")
-        if onnx is None or onnx["status"] != "ready":
-            status = onnx["status"] if onnx else "missing"
-            if status in ("pending", "running"):
-                raise NotFound(f"Version {version['number']} is still being converted to ONNX; retry in a few seconds.",
-                               headers={"Retry-After": str(PENDING_RETRY_AFTER)})
-            raise NotFound(f"Version {version['number']} has no ONNX form to optimize: {onnx and onnx['reason']}")
-        variants = await optimizing.wait_for(self.db, self.pool, version["seq"], list(QUANTIZED), wait, utc_now)
-        return optimizing.report(model["id"], version, onnx, variants, req)
-
-    async def _formats(self, version: Row) -> dict[str, Row]:
-        return {a["format"]: a for a in await self.db.list_artifacts(version["seq"])}
-
-    async def compatibility(self, model_id: str, devices: list[str]) -> dict[str, Any]:
-        """What the registry knows of the newest published version: size, formats; no device verdicts."""
-        model, version = await self._version_row(model_id, "latest")
-        formats = await self._formats(version)
-        ready = {fmt: a["size"] for fmt, a in formats.items() if a["status"] == "ready"}
-        recommendations = []
-        if "onnx" in ready and not set(QUANTIZED) & set(ready):
-            recommendations.append("call optimize to make onnx-int8 and onnx-fp16 variants with parity figures")
-        for fmt in QUANTIZED:
-            if fmt in ready and "onnx" in ready:
-                recommendations.append(f"format={fmt} is {ready[fmt] / ready['onnx']:.0%} the size of format=onnx")
-        return {"model_id": model["id"], "model_name": model["name"] or model["id"], "version": version["number"],
-                "model_params": None, "model_size_mb": round(version["size"] / optimizing.MB, 6),
-                "feasibility_category": optimizing.size_category(version["size"]),
-                "formats": {fmt: a["status"] for fmt, a in formats.items()}, "format_sizes": ready,
-                "compatible_devices": [], "incompatible_devices": [], "unknown_devices": devices,
-                "summary": optimizing.NO_DEVICE_DATA, "recommendations": recommendations}
-
-    async def optimized_config(self, model_id: str, device: str) -> dict[str, Any]:
-        """The format to fetch for any device (the float ONNX form when there is one) and what else exists."""
-        model, version = await self._version_row(model_id, "latest")
-        formats = await self._formats(version)
-        ready = sorted(fmt for fmt, a in formats.items() if a["status"] == "ready")
-        return {"device": device, "model_id": model["id"], "version": version["number"],
-                "format": "onnx" if "onnx" in ready else "original", "runtime": "onnxruntime",
-                "formats_available": ready, "note": optimizing.NO_DEVICE_DATA}
-
-    # usage counters (inference and telemetry events)
-
-    async def count_events(self, events: list[tuple[str, str]]) -> int:
-        """Count (model reference, event name) pairs; events of unknown models are accepted but not kept."""
-        counts: dict[tuple[int, str], int] = {}
-        known: dict[str, int | None] = {}
-        for ref, name in events:
-            if ref not in known:
-                try:
-                    known[ref] = (await self._model_row(ref))["seq"]
-                except NotFound:
-                    known[ref] = None
-            if (seq := known[ref]) is not None:
-                counts[seq, name] = counts.get((seq, name), 0) + 1
-        if counts:
-            await self.db.count_events(counts, utc_now(), usage.MAX_NAMES_PER_MODEL)
-        return sum(counts.values())
-
-    # maintenance
-
-    async def gc(self, grace: float, dry_run: bool) -> dict[str, int]:
-        """Delete blobs no row references and temp files, both untouched for `grace` seconds."""
-        referenced = await self.db.referenced_digests()
-        cutoff = time.time() - grace
-        candidates = set()
-        for digest in self.blobs.digests():
-            if digest not in referenced and self.blobs.path(digest).lstat().st_mtime < cutoff:
-                candidates.add(digest)
-        if dry_run:
-            sizes = sum(self.blobs.path(d).lstat().st_size for d in candidates)
-            temps = self.blobs.sweep_tmp(older_than=grace, dry_run=True)
-            return {"blobs": len(candidates), "blob_bytes": sizes, "temp_files": temps[0], "temp_bytes": temps[1]}
-        count, freed = await self.db.delete_unreferenced(candidates, self.blobs.delete)
-        temps = self.blobs.sweep_tmp(older_than=grace)
-        uploads = await self.direct.sweep(grace)
-        return {"blobs": count, "blob_bytes": freed, "temp_files": temps[0], "temp_bytes": temps[1],
-                "expired_uploads": uploads}
-
-    async def verify(self) -> tuple[list[str], dict[str, int]]:
-        """Re-hash every blob and check every row against the store; return (problems, counts)."""
-        problems: list[str] = []
-        stored = set(self.blobs.digests())
-        checked = checked_bytes = 0
-        for digest in sorted(stored):
-            actual, size = await asyncio.to_thread(self.blobs.rehash, digest)
-            checked, checked_bytes = checked + 1, checked_bytes + size
-            if actual != digest:
-                problems.append(f"blob {digest} is corrupt: its bytes hash to {actual}")
-        rows = await self.db.stored_references()
-        for row in rows:
-            where = f"model {row['model_id']} version {row['number']} ({row['format']})"
-            if row["digest"] not in stored:
-                problems.append(f"{where} points at missing blob {row['digest']}")
-            elif self.blobs.path(row["digest"]).lstat().st_size != row["size"]:
-                problems.append(f"{where} records {row['size']} bytes but blob {row['digest']} has a different size")
-        integrity = await self.db.integrity_check()
-        if integrity != "ok":
-            problems.append(f"SQLite integrity check: {integrity}")
-        referenced = {r["digest"] for r in rows}
-        temps = self.blobs.sweep_tmp(older_than=0, dry_run=True)
-        return problems, {"blobs": checked, "bytes": checked_bytes, "rows": len(rows),
-                          "orphan_blobs": len(stored - referenced), "temp_files": temps[0]}
-
     # api keys
 
     async def create_key(self, name: str, scope: str) -> str:
@@ -644,7 +392,7 @@ class Registry:
         try:
             await self.db.insert_key({"name": name, "key_hash": auth.hash_key(key), "prefix": key[:8],
                                       "scope": scope, "created_at": utc_now()})
-        except sqlite3.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"An active key named '{name}' already exists; revoke it or pick another name.") from None
         return key
 

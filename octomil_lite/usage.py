@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .errors import NotFound
+
+if TYPE_CHECKING:
+    from .registry import Registry
 
 MAX_EVENTS_PER_REQUEST = 1000
 MAX_NAME = 64
@@ -50,3 +55,20 @@ def telemetry_events(body: Any) -> tuple[int, list[tuple[str, str]]]:
                 if (model := _name(_attribute(record, "model.id"))) and event:
                     found.append((model, event))
     return seen, found
+
+
+async def count_events(registry: Registry, now: str, events: list[tuple[str, str]]) -> int:
+    """Count (model reference, event name) pairs; events of unknown models are accepted but not kept."""
+    counts: dict[tuple[int, str], int] = {}
+    known: dict[str, int | None] = {}
+    for ref, name in events:
+        if ref not in known:
+            try:
+                known[ref] = (await registry.model_row(ref))["seq"]
+            except NotFound:
+                known[ref] = None
+        if (seq := known[ref]) is not None:
+            counts[seq, name] = counts.get((seq, name), 0) + 1
+    if counts:
+        await registry.db.count_events(counts, now, MAX_NAMES_PER_MODEL)
+    return sum(counts.values())

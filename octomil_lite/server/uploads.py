@@ -9,9 +9,10 @@ from typing import Any
 
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 
-from .blobstore import StagedBlob
-from .errors import BadRequest, PayloadTooLarge
-from .schemas import UploadForm
+from ..errors import BadRequest, PayloadTooLarge
+from ..lifecycle import UploadedFile, label_of
+from ..schemas import UploadForm
+from ..storage import StagedBlob
 
 FORM_OVERHEAD = 1024 * 1024  # room for boundaries and text fields on top of the file itself
 MAX_FIELD_BYTES = 64 * 1024
@@ -19,12 +20,6 @@ MAX_PARTS = 64
 
 
 FILE_PARTS = ("file", "onnx_data")  # the model, and (Octomil SDK) an ONNX model's external weights
-
-
-@dataclass
-class UploadedFile:
-    staged: StagedBlob
-    filename: str
 
 
 @dataclass
@@ -167,16 +162,6 @@ def _shape(value: str | None) -> list[int] | None:
         raise BadRequest("Form field 'input_shape' must be 1-8 positive integers such as 1,3,32,32; "
                          f"got '{value[:50]}'.")
     return [int(p) for p in parts]
-
-
-def label_of(value: str | None) -> str | None:
-    label = _text("version", value.strip() if value else None, 100)
-    if not label:
-        return None
-    if label.isdigit() or label == "latest" or "/" in label:
-        raise BadRequest(f"Form field 'version' is a label such as 1.0.0; '{label[:50]}' would clash with version "
-                         "numbers, 'latest' or paths.")
-    return label
 
 
 def _targets(value: str | None) -> list[str]:

@@ -9,12 +9,12 @@ from litestar.di import NamedDependency
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import FromPath, JSONBody, QueryParameter
 
-from . import usage
+from .. import usage
+from ..errors import NotImplementedHere
+from ..federations import HOSTED_ONLY
+from ..registry import Registry, utc_now
+from ..schemas import AttachModel, CreateFederation, EventsAccepted, Federation, Health, Model
 from .controllers import _decode, _errors, health
-from .errors import NotImplementedHere
-from .federations import HOSTED_ONLY
-from .registry import Registry
-from .schemas import AttachModel, CreateFederation, EventsAccepted, Federation, Health, Model
 
 
 class FederationController(Controller):
@@ -69,14 +69,14 @@ async def inference_events(registry: NamedDependency[Registry],
                            data: JSONBody[Any] = None) -> EventsAccepted:
     """FederatedClient.inference reports each generation here; counted per model and event type."""
     events = usage.inference_event(data)
-    return EventsAccepted(accepted=len(events) or 1, counted=await registry.count_events(events))
+    return EventsAccepted(accepted=len(events) or 1, counted=await usage.count_events(registry, utc_now(), events))
 
 
 @post("/api/v2/telemetry/events", opt={"scope": "read"}, status_code=202, responses=_errors())
 async def telemetry_events(registry: NamedDependency[Registry], data: JSONBody[Any] = None) -> EventsAccepted:
     """The Octomil SDK's OTLP log envelope; records naming a model (model.id) are counted by event name."""
     seen, events = usage.telemetry_events(data)
-    return EventsAccepted(accepted=seen, counted=await registry.count_events(events))
+    return EventsAccepted(accepted=seen, counted=await usage.count_events(registry, utc_now(), events))
 
 
 @get("/api/v1/health", opt={"scope": "read"}, sync_to_thread=False, responses=_errors())

@@ -1,15 +1,19 @@
-"""SQLite metadata: one writer connection, one reader, WAL; every query of the registry lives here."""
+"""SQLite metadata store: one writer connection, one reader, WAL; every SQL query of the registry lives here."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from ..errors import DISK_FULL
+from . import Conflict, Publish, Row, StorageFull
+from .sqlite_sdk import _LATEST_JOIN, _MODEL_COLUMNS, SdkTables, _assignments, _insert
 
 MIGRATIONS: list[str] = [
     """
@@ -119,18 +123,20 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-_MODEL_COLUMNS = """
-    m.seq, m.id, m.name, m.use_case, m.framework, m.framework_version, m.description, m.is_baseline, m.round_id,
-    m.accuracy, m.loss, m.created_at, m.architecture, v.digest AS digest, v.size AS size
-"""
-_LATEST_JOIN = """
-    LEFT JOIN versions v ON v.seq = (SELECT seq FROM versions WHERE model_seq = m.seq ORDER BY number DESC LIMIT 1)
-"""
-
 _REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
 
-Row = dict[str, Any]
-Publish = Callable[[], Awaitable[None]]
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """sqlite3's exceptions leave this module as the storage errors the registry knows."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise Conflict("The change clashes with a stored name, label or key; nothing was written.") from exc
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+            raise StorageFull(DISK_FULL) from exc
+        raise
 
 
 def _dict_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
@@ -165,16 +171,8 @@ def migrate(path: Path) -> None:
         conn.close()
 
 
-def _insert(table: str, row: Row) -> tuple[str, tuple[Any, ...]]:
-    return f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
-
-
-def _assignments(fields: Row) -> str:
-    return ", ".join(f"{name} = ?" for name in fields)
-
-
-class Database:
-    """The registry's metadata store; writes are serialised through one connection."""
+class SQLiteStore(SdkTables):
+    """The registry's MetadataStore on SQLite; writes are serialised through one connection."""
 
     def __init__(self, reader: aiosqlite.Connection, writer: aiosqlite.Connection):
         self._reader = reader
@@ -182,7 +180,7 @@ class Database:
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path) -> Database:
+    async def open(cls, path: Path) -> SQLiteStore:
         await asyncio.to_thread(migrate, path)
         writer = await _connect(path)
         await writer.execute("PRAGMA synchronous = FULL")
@@ -197,20 +195,23 @@ class Database:
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """BEGIN IMMEDIATE on the writer: also excludes a concurrent `gc` in another process."""
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._writer
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
-                raise
-            await self._writer.execute("COMMIT")
+            with _translated():
+                await self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._writer
+                except BaseException:
+                    await self._writer.execute("ROLLBACK")
+                    raise
+                await self._writer.execute("COMMIT")
 
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
-        rows = await self._reader.execute_fetchall(sql, tuple(params))
+        with _translated():
+            rows = await self._reader.execute_fetchall(sql, tuple(params))
         return rows[0] if rows else None  # type: ignore[index]
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
-        return list(await self._reader.execute_fetchall(sql, tuple(params)))  # type: ignore[arg-type]
+        with _translated():
+            return list(await self._reader.execute_fetchall(sql, tuple(params)))  # type: ignore[arg-type]
 
     # models
 
@@ -249,14 +250,6 @@ class Database:
     async def list_versions(self, model_seq: int) -> list[Row]:
         return await self._all("SELECT * FROM versions WHERE model_seq = ? ORDER BY number", (model_seq,))
 
-    async def page_versions(self, model_seq: int, limit: int, offset: int, status: str | None) -> tuple[list[Row], int]:
-        """A page of a model's versions, newest first, with the count of all that match `status` (None: all)."""
-        clause, params = ("AND status = ?", (model_seq, status)) if status else ("", (model_seq,))
-        rows = await self._all(f"SELECT * FROM versions WHERE model_seq = ? {clause} ORDER BY number DESC "
-                               "LIMIT ? OFFSET ?", (*params, limit, offset))
-        total = await self._one(f"SELECT count(*) AS n FROM versions WHERE model_seq = ? {clause}", params)
-        return rows, total["n"] if total else 0
-
     async def get_version(self, model_seq: int, *, number: int | None = None, label: str | None = None) -> Row | None:
         """A version by number, by label, or (neither given) the newest published one."""
         if number is not None:
@@ -270,11 +263,6 @@ class Database:
         async with self.transaction() as conn:
             await conn.execute(f"UPDATE versions SET {_assignments(fields)} WHERE seq = ?",
                                (*fields.values(), version_seq))
-
-    async def find_model_nocase(self, name: str) -> Row | None:
-        """The oldest model whose name equals `name` ignoring ASCII case (newer SDKs match names that way)."""
-        return await self._one(f"SELECT {_MODEL_COLUMNS} FROM models m {_LATEST_JOIN} "
-                               "WHERE m.name = ? COLLATE NOCASE ORDER BY m.seq LIMIT 1", (name,))
 
     async def insert_version(self, model_seq: int, row: Row, model_fields: Row, artifacts: list[Row],
                              publish: Publish) -> int | None:
@@ -300,86 +288,6 @@ class Database:
     async def delete_version(self, version_seq: int) -> bool:
         async with self.transaction() as conn:
             return (await conn.execute("DELETE FROM versions WHERE seq = ?", (version_seq,))).rowcount > 0
-
-    # three-step (direct) uploads: upload-url, PUT, confirm-upload
-
-    async def insert_direct_upload(self, row: Row) -> None:
-        async with self.transaction() as conn:
-            await conn.execute(*_insert("direct_uploads", row))
-
-    async def get_direct_upload(self, storage_key: str) -> Row | None:
-        return await self._one("SELECT * FROM direct_uploads WHERE storage_key = ?", (storage_key,))
-
-    async def move_direct_upload(self, storage_key: str, before: str, after: str, fields: Row | None = None) -> bool:
-        """Compare-and-set a direct upload's state (one PUT, one confirm); False if it was not in `before`."""
-        fields = {"state": after, **(fields or {})}
-        async with self.transaction() as conn:
-            cur = await conn.execute(f"UPDATE direct_uploads SET {_assignments(fields)} "
-                                     "WHERE storage_key = ? AND state = ?", (*fields.values(), storage_key, before))
-            return cur.rowcount > 0
-
-    async def delete_direct_upload(self, storage_key: str) -> None:
-        async with self.transaction() as conn:
-            await conn.execute("DELETE FROM direct_uploads WHERE storage_key = ?", (storage_key,))
-
-    async def recover_direct_uploads(self) -> None:
-        """After a restart: a PUT cut short stored nothing (its URL works again); a confirm cut short lost its
-        staged bytes with tmp/ (the upload is gone)."""
-        async with self.transaction() as conn:
-            await conn.execute("UPDATE direct_uploads SET state = 'awaiting' WHERE state = 'receiving'")
-            await conn.execute("DELETE FROM direct_uploads WHERE state = 'confirming'")
-
-    async def expired_direct_uploads(self, before: int) -> list[Row]:
-        return await self._all("SELECT * FROM direct_uploads WHERE expires < ?", (before,))
-
-    async def direct_upload_keys(self) -> set[str]:
-        return {r["storage_key"] for r in await self._all("SELECT storage_key FROM direct_uploads")}
-
-    # federations (one registry is one organisation)
-
-    async def insert_federation(self, row: Row) -> None:
-        async with self.transaction() as conn:
-            await conn.execute(*_insert("federations", row))
-
-    async def get_federation(self, federation_id: str | None = None, *, name: str | None = None) -> Row | None:
-        column, value = ("id", federation_id) if federation_id is not None else ("name", name)
-        return await self._one(f"SELECT * FROM federations WHERE {column} = ?", (value,))
-
-    async def list_federations(self, name: str | None) -> list[Row]:
-        if name is not None:
-            return await self._all("SELECT * FROM federations WHERE name = ? ORDER BY seq", (name,))
-        return await self._all("SELECT * FROM federations ORDER BY seq")
-
-    async def attach_model(self, federation_seq: int, model_seq: int, when: str) -> bool:
-        """Add a model to a federation; False if it already was in it."""
-        async with self.transaction() as conn:
-            cur = await conn.execute("INSERT OR IGNORE INTO federation_models VALUES (?, ?, ?)",
-                                     (federation_seq, model_seq, when))
-            return cur.rowcount > 0
-
-    async def federation_models(self, federation_seq: int) -> list[Row]:
-        return await self._all(f"SELECT {_MODEL_COLUMNS} FROM federation_models f JOIN models m ON m.seq = f.model_seq "
-                               f"{_LATEST_JOIN} WHERE f.federation_seq = ? ORDER BY f.added_at, m.seq",
-                               (federation_seq,))
-
-    # usage counters from inference and telemetry events
-
-    async def count_events(self, counts: dict[tuple[int, str], int], when: str, max_names: int) -> None:
-        """Add to each (model, event name) counter; a model's names past `max_names` count as 'other'."""
-        async with self.transaction() as conn:
-            for (model_seq, name), n in counts.items():
-                cur = await conn.execute("SELECT count(*) AS n, sum(name = ?) AS known FROM model_events "
-                                         "WHERE model_seq = ?", (name, model_seq))
-                seen = await cur.fetchone()
-                if not seen["known"] and seen["n"] >= max_names - 1 and name != "other":  # type: ignore[index]
-                    name = "other"
-                await conn.execute("INSERT INTO model_events VALUES (?, ?, ?, ?) ON CONFLICT (model_seq, name) "
-                                   "DO UPDATE SET count = count + excluded.count, last_at = excluded.last_at",
-                                   (model_seq, name, n, when))
-
-    async def model_events(self, model_seq: int) -> list[Row]:
-        return await self._all("SELECT name, count, last_at FROM model_events WHERE model_seq = ? ORDER BY name",
-                               (model_seq,))
 
     # artifacts (converted formats) and their conversion jobs
 

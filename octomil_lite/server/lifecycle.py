@@ -12,10 +12,9 @@ from litestar.enums import RequestEncodingType
 from litestar.openapi.spec import OpenAPIMediaType, OpenAPIType, Operation, RequestBody, Schema
 from litestar.params import Body, FromPath, FromQuery, JSONBody, QueryParameter
 
-from .controllers import PublicOperation, _chunks, _decode, _errors
-from .errors import BadRequest
-from .registry import Registry
-from .schemas import (
+from ..errors import BadRequest
+from ..registry import Registry
+from ..schemas import (
     MAX_METRICS,
     CreateVersion,
     OptimizeReport,
@@ -27,6 +26,7 @@ from .schemas import (
     VersionList,
     VersionStatus,
 )
+from .controllers import PublicOperation, _chunks, _decode, _errors
 from .uploads import receive_raw, too_large, upload_form
 
 
@@ -83,58 +83,58 @@ class VersionLifecycleController(Controller):
         offset: Annotated[int, QueryParameter(ge=0, le=2**62)] = 0,
         status: FromQuery[VersionStatus | None] = None,
     ) -> VersionList:
-        return await registry.list_versions(model_id, limit, offset, status)
+        return await registry.lifecycle.list_versions(model_id, limit, offset, status)
 
     @post("/{model_id:str}/versions", opt={"scope": "write"}, status_code=201, responses=_errors(409))
     async def create_version(self, model_id: FromPath[str], request: Request[Any, Any, Any],
                              registry: NamedDependency[Registry],
                              data: JSONBody[CreateVersion]) -> UploadedVersion:
         await registry.require_model(model_id)  # a missing model is a 404 whatever the body holds
-        return await registry.create_version(model_id, _decode(await request.body(), CreateVersion))
+        return await registry.lifecycle.create_version(model_id, _decode(await request.body(), CreateVersion))
 
     @post("/{model_id:str}/versions/{version:str}/publish", opt={"scope": "write"}, status_code=200,
           responses=_errors())
     async def publish(self, model_id: FromPath[str], version: FromPath[str],
                       registry: NamedDependency[Registry]) -> VersionDetail:
-        return await registry.set_status(model_id, version, "published")
+        return await registry.lifecycle.set_status(model_id, version, "published")
 
     @post("/{model_id:str}/versions/{version:str}/deprecate", opt={"scope": "write"}, status_code=200,
           responses=_errors())
     async def deprecate(self, model_id: FromPath[str], version: FromPath[str],
                         registry: NamedDependency[Registry]) -> VersionDetail:
-        return await registry.set_status(model_id, version, "deprecated")
+        return await registry.lifecycle.set_status(model_id, version, "deprecated")
 
     @patch("/{model_id:str}/versions/{version:str}/metrics", opt={"scope": "write"}, responses=_errors(),
            operation_class=MetricsOperation)
     async def update_metrics(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
                              registry: NamedDependency[Registry],
                              data: JSONBody[UpdateMetrics]) -> VersionDetail:
-        return await registry.update_metrics(model_id, version, _decode(await request.body(), UpdateMetrics))
+        return await registry.lifecycle.update_metrics(model_id, version, _decode(await request.body(), UpdateMetrics))
 
     @post("/{model_id:str}/optimize", opt={"scope": "write"}, status_code=200, responses=_errors())
     async def optimize(self, model_id: FromPath[str], request: Request[Any, Any, Any],
                        registry: NamedDependency[Registry],
                        data: JSONBody[OptimizeRequest | None] = None) -> OptimizeReport:
         await registry.require_model(model_id)
-        return await registry.optimize(model_id, _decode(await request.body(), OptimizeRequest))
+        return await registry.optimizer.optimize(model_id, _decode(await request.body(), OptimizeRequest))
 
     @get("/{model_id:str}/compatibility", opt={"scope": "read"}, responses=_errors())
     async def compatibility(self, model_id: FromPath[str], registry: NamedDependency[Registry],
                             devices: Annotated[str | None, QueryParameter(max_length=2000)] = None) -> dict[str, Any]:
         wanted = [d.strip() for d in (devices or "").split(",") if d.strip()]
-        return await registry.compatibility(model_id, wanted)
+        return await registry.optimizer.compatibility(model_id, wanted)
 
     @get("/{model_id:str}/optimized-config/{device:str}", opt={"scope": "read"}, responses=_errors())
     async def optimized_config(self, model_id: FromPath[str], device: FromPath[str],
                                registry: NamedDependency[Registry]) -> dict[str, Any]:
-        return await registry.optimized_config(model_id, device[:200])
+        return await registry.optimizer.optimized_config(model_id, device[:200])
 
     @post("/{model_id:str}/versions/upload-url", opt={"scope": "write"}, status_code=200, responses=_errors(409))
     async def upload_url(
         self, model_id: FromPath[str], request: Request[Any, Any, Any], registry: NamedDependency[Registry],
         data: Annotated[UploadUrlForm, Body(media_type=RequestEncodingType.URL_ENCODED)],
     ) -> UploadUrl:
-        storage_key, path, expires_at = await registry.upload_url(model_id, data.version, data.filename or "")
+        storage_key, path, expires_at = await registry.lifecycle.upload_url(model_id, data.version, data.filename or "")
         return UploadUrl(upload_url=str(request.base_url).rstrip("/") + path, storage_key=storage_key, method="PUT",
                          expires_at=expires_at)
 
@@ -146,7 +146,7 @@ class VersionLifecycleController(Controller):
     ) -> UploadedVersion:
         await registry.require_model(model_id)
         fields = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
-        return await registry.confirm_upload(model_id, data.storage_key, _file_size(data.file_size),
+        return await registry.lifecycle.confirm_upload(model_id, data.storage_key, _file_size(data.file_size),
                                              upload_form(fields))
 
 

@@ -59,11 +59,11 @@ def _child_env() -> dict[str, str]:
 
 
 async def run_task(task: str, payload: dict[str, Any], limits: Limits, workdir_parent: Path) -> dict[str, Any]:
-    """Run `octomil_lite.worker` TASK in a child; return the JSON object it prints."""
+    """Run `octomil_lite.convert.worker` TASK in a child; return the JSON object it prints."""
     workdir = Path(tempfile.mkdtemp(prefix="sandbox-", dir=workdir_parent))
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-m", "octomil_lite.worker", task,
+            sys.executable, "-I", "-m", "octomil_lite.convert.worker", task,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             cwd=workdir, env=_child_env(), preexec_fn=lambda: _preexec(limits),
         )

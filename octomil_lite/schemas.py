@@ -241,7 +241,7 @@ class OptimizeRequest(msgspec.Struct, kw_only=True):
 
     accuracy_threshold: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.95
     target_devices: list[ShortText] | None = None
-    size_budget_mb: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    size_budget_mb: Annotated[float, msgspec.Meta(ge=0, description="Largest variant wanted; 0: no budget")] = 0
 
 
 class Candidate(Schema):

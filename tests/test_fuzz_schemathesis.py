@@ -53,9 +53,10 @@ def _operations(url: str) -> list[Any]:
     return operations
 
 
-# Operations whose valid input names server state no schema can describe (bytes already stored, a pending upload):
-# aimed at the real model they could only be refused, so they are fuzzed against drawn ids (404) alone.
-_STATEFUL = {"/api/v1/models/{model_id}/versions", "/api/v1/models/{model_id}/versions/confirm-upload"}
+# Operations whose valid input names server state no schema can describe (bytes already stored, a pending upload),
+# or that wait for conversions (optimize, up to 45 s): fuzzed against drawn ids (404) alone.
+_STATEFUL = {"/api/v1/models/{model_id}/versions", "/api/v1/models/{model_id}/versions/confirm-upload",
+             "/api/v1/models/{model_id}/optimize"}
 
 
 def _aim(case: Any, real: bool, model_id: str, model_file: bytes) -> None:

@@ -91,7 +91,8 @@ def test_unmet_threshold_or_budget_is_infeasible_with_a_reason(live: Any) -> Non
     assert got["optimizations_applied"] == [] and got["compression_ratio"] is None
     tight = client.post(f"/models/{model_id}/optimize", json={"accuracy_threshold": 0.5, "size_budget_mb": 0.001})
     assert tight.json()["feasible"] is False and "size budget" in tight.json()["reason"]
-    for bad in ({"accuracy_threshold": 2}, {"accuracy_threshold": "high"}, {"size_budget_mb": 0}):
+    for bad in ({"accuracy_threshold": 2}, {"accuracy_threshold": "high"}, {"size_budget_mb": -1},
+                {"size_budget_mb": None}):
         assert client.post(f"/models/{model_id}/optimize", json=bad).status_code == 400
     assert client.get(f"/models/{model_id}/versions/1/download", params={"format": "onnx-fp16"}).status_code == 200
 

@@ -214,7 +214,7 @@ def secret_rotate(data_dir: Path | None, database: str | None, blobs: str | None
 def gc(grace: float, dry_run: bool, data_dir: Path | None, database: str | None, blobs: str | None) -> None:
     """Delete blobs that no version references, and leftover temp files."""
     config = _config(data_dir, database, blobs)
-    done = _with_registry(config, lambda r: maintenance.gc(r.db, r.blobs, grace, dry_run))
+    done = _with_registry(config, lambda r: maintenance.gc(r.db, r.blobs, grace, dry_run, r.direct))
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {done['blobs']} unreferenced blob(s), {human_size(done['blob_bytes'])}; "
                f"{done['temp_files']} temp file(s), {human_size(done['temp_bytes'])}")

@@ -98,12 +98,26 @@ def _print_model(model: dict[str, Any]) -> None:
         if field in model:
             value = model[field]
             click.echo(f"{field + ':':<19}{_size(value) if field == 'model_size_bytes' else _text(value)}")
+    if model.get("architecture"):
+        click.echo(f"{'architecture:':<19}{_metrics(model['architecture'])}")
+    if model.get("events"):
+        counts = ", ".join(f"{name}={event['count']}" for name, event in model["events"].items())
+        click.echo(f"{'events:':<19}{counts}")
     versions = model.get("versions")
     if versions:
         click.echo()
-        _table(["VERSION", "LABEL", "FORMAT", "SIZE", "UPLOADED", "DESCRIPTION"],
-               [[str(v["version"]), _text(v.get("label")), v["format"], _size(v["model_size_bytes"]),
-                 v["uploaded_at"], _short(v.get("description"))] for v in versions])
+        _versions_table(versions)
+
+
+def _metrics(values: dict[str, Any]) -> str:
+    return " ".join(f"{name}={value:g}" if isinstance(value, float) else f"{name}={value}"
+                    for name, value in values.items()) or "-"
+
+
+def _versions_table(versions: list[dict[str, Any]]) -> None:
+    _table(["VERSION", "LABEL", "STATUS", "FORMAT", "SIZE", "UPLOADED", "METRICS", "DESCRIPTION"],
+           [[str(v["version"]), _text(v.get("label")), v.get("status", "-"), v["format"], _size(v["model_size_bytes"]),
+             v["uploaded_at"], _metrics(v.get("metrics") or {}), _short(v.get("description"), 30)] for v in versions])
 
 
 def _show(model: dict[str, Any], as_json: bool) -> None:
@@ -278,4 +292,69 @@ def download(client: Client, model_id: str, version: str, format_: str | None, o
     click.echo(str(path))
 
 
-CLIENT_COMMANDS: list[click.Command] = [models, upload, download]
+@click.group()
+def versions() -> None:
+    """List versions, publish or deprecate one, and record its metrics."""
+
+
+@versions.command("list")
+@click.argument("model_id")
+@click.option("--status", type=click.Choice(["draft", "published", "deprecated"]), default=None)
+@json_option
+@_connection
+def versions_list(client: Client, model_id: str, status: str | None, as_json: bool) -> None:
+    """List the versions of MODEL_ID, newest first."""
+    found = list(client.list_versions(model_id, status=status))
+    if as_json:
+        _print_json(found)
+    else:
+        _versions_table(found)
+
+
+def _status_command(name: str, status: str) -> click.Command:
+    @versions.command(name)
+    @click.argument("model_id")
+    @click.argument("version")
+    @json_option
+    @_connection
+    def command(client: Client, model_id: str, version: str, as_json: bool) -> None:
+        got = client.set_version_status(model_id, version, status)
+        if as_json:
+            _print_json(got)
+        else:
+            click.echo(f"version {got['version']} of {got['model_id']}: {got['status']}")
+
+    command.__doc__ = f"Mark VERSION of MODEL_ID {status} (again is a no-op)."
+    return command
+
+
+_status_command("publish", "published")
+_status_command("deprecate", "deprecated")
+
+
+def _metric(value: str) -> tuple[str, float | None]:
+    name, sep, number = value.partition("=")
+    if not sep or not name:
+        raise click.BadParameter(f"'{value}' is not NAME=NUMBER (or NAME= to remove it).")
+    try:
+        return name, float(number) if number else None
+    except ValueError:
+        raise click.BadParameter(f"'{number}' in '{value}' is not a number.") from None
+
+
+@versions.command("metrics")
+@click.argument("model_id")
+@click.argument("version")
+@click.argument("metrics", nargs=-1, required=True, metavar="NAME=NUMBER...")
+@json_option
+@_connection
+def versions_metrics(client: Client, model_id: str, version: str, metrics: tuple[str, ...], as_json: bool) -> None:
+    """Set metrics of VERSION of MODEL_ID, e.g. f1=0.91 latency_ms=12 (NAME= removes one)."""
+    got = client.update_version_metrics(model_id, version, dict(_metric(m) for m in metrics))
+    if as_json:
+        _print_json(got)
+    else:
+        click.echo(f"version {got['version']} of {got['model_id']}: {_metrics(got['metrics'])}")
+
+
+CLIENT_COMMANDS: list[click.Command] = [models, versions, upload, download]

@@ -172,6 +172,27 @@ class Client:
         """Delete one version of a model."""
         self._request("DELETE", self._version_path(model_id, version))
 
+    def list_versions(self, model_id: str, status: str | None = None, page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every version of a model (of one status, if given), newest first, fetched page by page."""
+        params: dict[str, Any] = {"limit": page_size, **({"status": status} if status else {})}
+        offset = 0
+        while True:
+            page = self._json("GET", f"{self._model_path(model_id)}/versions", params={**params, "offset": offset})
+            yield from page["versions"]
+            offset += len(page["versions"])
+            if not page["versions"] or offset >= page["total"]:
+                return
+
+    def set_version_status(self, model_id: str, version: int | str, status: str) -> dict[str, Any]:
+        """Publish or deprecate a version ('published' or 'deprecated'); returns the version."""
+        action = {"published": "publish", "deprecated": "deprecate"}[status]
+        return self._json("POST", f"{self._version_path(model_id, version)}/{action}", json={})
+
+    def update_version_metrics(self, model_id: str, version: int | str,
+                               metrics: dict[str, float | None]) -> dict[str, Any]:
+        """Merge metrics (any name, numbers; None removes one) into a version's; returns the version."""
+        return self._json("PATCH", f"{self._version_path(model_id, version)}/metrics", json={"metrics": metrics})
+
     def upload_version(self, model_id: str, path: str | os.PathLike[str], format: str | None = None,
                        description: str | None = None, progress: Progress | None = None,
                        **fields: Any) -> dict[str, Any]:

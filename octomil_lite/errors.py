@@ -67,3 +67,10 @@ def bounded_reason(text: object) -> str:
     flat = "".join(c if c.isprintable() else " " for c in str(text)[:MAX_REASON_CHARS * 2])
     flat = " ".join(flat.split())
     return flat if len(flat) <= MAX_REASON_CHARS else flat[:MAX_REASON_CHARS - 1] + "…"
+
+
+class NotImplementedHere(OctomilError):
+    """Part of the hosted Octomil platform that a one-organisation registry does not have."""
+
+    status = 501
+    code = "not_implemented"

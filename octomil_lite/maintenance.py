@@ -6,14 +6,18 @@ from collections.abc import Callable
 
 from . import storage
 from .config import Config
+from .direct_uploads import DirectUploads
 from .errors import OctomilError
 from .storage import BlobStore, MetadataStore
 
 
-async def gc(db: MetadataStore, blobs: BlobStore, grace: float, dry_run: bool) -> dict[str, int]:
-    """Delete blobs no row references and leftovers of uploads, all untouched for `grace` seconds; what is
-    unreferenced but younger than the grace period is counted as held (held_blobs, held_bytes)."""
-    return await blobs.gc(db, grace, dry_run)
+async def gc(db: MetadataStore, blobs: BlobStore, grace: float, dry_run: bool,
+             direct: DirectUploads | None = None) -> dict[str, int]:
+    """Delete blobs no row references, leftovers of uploads and expired three-step uploads, all untouched for
+    `grace` seconds; what is unreferenced but younger than the grace period is counted as held."""
+    done = await blobs.gc(db, grace, dry_run)
+    done["expired_uploads"] = await direct.sweep(grace) if direct is not None and not dry_run else 0
+    return done
 
 
 async def verify(db: MetadataStore, blobs: BlobStore) -> tuple[list[str], dict[str, int]]:

@@ -19,12 +19,18 @@ from . import auth, formats, storage
 from .config import Config
 from .convert import routes
 from .convert.pool import TARGETS, ConversionPool
+from .convert.quantize import QUANTIZED
 from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
-from .errors import BadRequest, Conflict, Forbidden, NotFound
+from .direct_uploads import DirectUploads
+from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
 from .federated import Federated
+from .federations import Federations
+from .lifecycle import Lifecycle, UploadedFile, metrics_of, version_summary
+from .optimize import Optimizer
 from .schemas import (
     DOWNLOAD_FORMATS,
     CreateModel,
+    EventCount,
     FormatStatus,
     Model,
     ModelDetail,
@@ -33,7 +39,6 @@ from .schemas import (
     UploadedVersion,
     UploadForm,
     VersionDetail,
-    VersionSummary,
 )
 from .storage import BlobStore, MetadataStore, Row, StagedBlob
 
@@ -60,14 +65,6 @@ class Artifact:
         return f"sha256:{self.digest}"
 
 
-@dataclass
-class UploadedFile:
-    """One file part of an upload: its staged bytes and the file name the client gave."""
-
-    staged: StagedBlob
-    filename: str
-
-
 @dataclass(frozen=True)
 class KeyInfo:
     name: str
@@ -89,12 +86,6 @@ def _canonical_uuid(value: str) -> str | None:
         return None
 
 
-def _summary(v: Row) -> VersionSummary:
-    return VersionSummary(version=v["number"], label=v["label"], format=v["format"], model_size_bytes=v["size"],
-                          model_hash=f"sha256:{v['digest']}", description=v["description"], round_id=v["round_id"],
-                          accuracy=v["accuracy"], loss=v["loss"], uploaded_at=v["uploaded_at"])
-
-
 def _format_status(a: Row) -> FormatStatus:
     return FormatStatus(status=a["status"], reason=a["reason"], model_size_bytes=a["size"],
                         model_hash=f"sha256:{a['digest']}" if a["digest"] else None,
@@ -114,6 +105,10 @@ class Registry:
                                                      memory_bytes=config.conversion_memory_bytes),
                                    config.conversion_workers, utc_now, config.conversion_lease)
         self.training = Federated(self)
+        self.direct = DirectUploads(db, blobs, config.data_dir)
+        self.federations = Federations(db, utc_now)
+        self.lifecycle = Lifecycle(self)
+        self.optimizer = Optimizer(self, utc_now)
 
     @classmethod
     async def open(cls, config: Config) -> Registry:
@@ -129,6 +124,7 @@ class Registry:
     async def start(self) -> None:
         """Serving: sweep leftovers of a previous run and start converting."""
         self.blobs.sweep_tmp()
+        await self.db.recover_direct_uploads()
         await self.pool.start()
 
     async def close(self) -> None:
@@ -146,6 +142,7 @@ class Registry:
             framework=row["framework"], framework_version=row["framework_version"],
             accuracy=row["accuracy"], loss=row["loss"], is_baseline=bool(row["is_baseline"]),
             description=row["description"], created_at=row["created_at"],
+            architecture=json.loads(row["architecture"]) if row["architecture"] else {},
         )
 
     async def model_row(self, ref: str) -> Row:
@@ -160,9 +157,12 @@ class Registry:
             raise NotFound(f"No model with id or name '{ref[:100]}'.")
         return row
 
+    def model_of(self, row: Row) -> Model:
+        return self._model(row)
+
     async def create_model(self, req: CreateModel) -> tuple[Model, bool]:
         """Create a model; one with the same name and no contradicting field is returned instead (created False)."""
-        if req.name is not None and (existing := await self.db.get_model(name=req.name)):
+        if req.name is not None and (existing := await self.db.find_model_nocase(req.name)):
             clashes = [f for f in ("framework", "use_case") if getattr(req, f) not in (None, existing[f])]
             if clashes:
                 raise Conflict(f"A model named '{req.name}' already exists with a different {clashes[0]}; "
@@ -174,7 +174,7 @@ class Registry:
             await self.db.insert_model(row)
         except storage.Conflict:
             raise Conflict(f"A model named '{req.name}' was created at the same moment; retry.") from None
-        return self._model({**row, "digest": None, "size": None}), True
+        return self._model({**row, "digest": None, "size": None, "architecture": None}), True
 
     async def update_model(self, model_id: str, req: UpdateModel) -> Model:
         row = await self.model_row(model_id)
@@ -201,15 +201,17 @@ class Registry:
     async def get_model(self, model_id: str) -> ModelDetail:
         row = await self.model_row(model_id)
         versions = await self.db.list_versions(row["seq"])
+        events = {e["name"]: EventCount(count=e["count"], last_at=e["last_at"])
+                  for e in await self.db.model_events(row["seq"])}
         model = self._model(row)
         return ModelDetail(**{f: getattr(model, f) for f in model.__struct_fields__},
-                           versions=[_summary(v) for v in versions])
+                           versions=[version_summary(v) for v in versions], events=events)
 
     # versions
 
     async def version_rows(self, model_ref: str, ref: str | int | None) -> tuple[Row, Row]:
         """(model, version) for a version number, label, or None for the newest."""
-        return await self._version_row(model_ref, "latest" if ref is None else str(ref))
+        return await self.version_row(model_ref, "latest" if ref is None else str(ref))
 
     async def require_model(self, model_id: str) -> None:
         """Fail fast (before an upload body is read) when the model does not exist."""
@@ -246,8 +248,11 @@ class Registry:
         version = {"label": form.label, "format": fmt, "kind": sniffed.kind, "digest": staged.digest,
                    "size": staged.size, "description": form.description, "round_id": form.round_id,
                    "accuracy": form.accuracy, "loss": form.loss, "uploaded_at": now,
-                   "input_shape": json.dumps(form.input_shape) if form.input_shape else None}
+                   "input_shape": json.dumps(form.input_shape) if form.input_shape else None,
+                   "status": form.status, "metrics": json.dumps(form.metrics) if form.metrics else None}
         figures = {k: getattr(form, k) for k in ("round_id", "accuracy", "loss") if getattr(form, k) is not None}
+        if form.architecture:
+            figures["architecture"] = json.dumps(form.architecture)
 
         async def publish(record: storage.Recorder) -> None:
             await self.blobs.commit(staged, record)
@@ -261,7 +266,7 @@ class Registry:
         if number is None:
             raise NotFound(f"Model '{model_id}' was deleted during the upload.")
         self.pool.wake()
-        return UploadedVersion(model_id=row["id"], version=number, label=form.label, format=fmt,
+        return UploadedVersion(model_id=row["id"], version=number, label=form.label, status=form.status, format=fmt,
                                model_path=self.blobs.uri(staged.digest), model_size_bytes=staged.size,
                                model_hash=f"sha256:{staged.digest}", description=form.description, uploaded_at=now,
                                formats={**dict.fromkeys(impossible, "impossible"),
@@ -288,7 +293,7 @@ class Registry:
             raise BadRequest(f"The file is not a valid ONNX model: {result.get('reason')}.")
         return result
 
-    async def _version_row(self, model_id: str, ref: str) -> tuple[Row, Row]:
+    async def version_row(self, model_id: str, ref: str) -> tuple[Row, Row]:
         """(model, version) for a version number, label or 'latest'."""
         model = await self.model_row(model_id)
         if ref == "latest":
@@ -304,7 +309,7 @@ class Registry:
         return model, version
 
     async def get_version(self, model_id: str, ref: str) -> VersionDetail:
-        model, v = await self._version_row(model_id, ref)
+        model, v = await self.version_row(model_id, ref)
         statuses = {v["format"]: FormatStatus(status="ready", model_size_bytes=v["size"],
                                               model_hash=f"sha256:{v['digest']}", updated_at=v["uploaded_at"])}
         impossible = routes.ruled_out(v["kind"], v["format"])
@@ -312,34 +317,37 @@ class Registry:
             why = impossible.get(target)
             statuses[target] = FormatStatus(status="impossible" if why else "on_request", reason=why or ON_REQUEST)
         statuses.update({a["format"]: _format_status(a) for a in await self.db.list_artifacts(v["seq"])})
-        return VersionDetail(model_id=model["id"], version=v["number"], label=v["label"], format=v["format"],
+        return VersionDetail(model_id=model["id"], version=v["number"], label=v["label"], status=v["status"],
+                             format=v["format"],
                              model_path=self.blobs.uri(v["digest"]), model_size_bytes=v["size"],
                              model_hash=f"sha256:{v['digest']}", description=v["description"],
                              round_id=v["round_id"], accuracy=v["accuracy"], loss=v["loss"],
                              input_shape=json.loads(v["input_shape"]) if v["input_shape"] else None,
-                             uploaded_at=v["uploaded_at"], formats=statuses)
+                             metrics=metrics_of(v), uploaded_at=v["uploaded_at"], formats=statuses)
 
     async def delete_version(self, model_id: str, ref: str) -> None:
-        _, version = await self._version_row(model_id, ref)
+        _, version = await self.version_row(model_id, ref)
         await self.db.delete_version(version["seq"])
 
     async def find_artifact(self, model_id: str, ref: str, fmt: str | None) -> Artifact:
         """The bytes to serve for (model, version, format), or a NotFound saying why (and when pending, when)."""
         fmt = _download_format(fmt)
-        _, v = await self._version_row(model_id, ref)
+        _, v = await self.version_row(model_id, ref)
         number = v["number"]
         if fmt in ("original", v["format"]):
             return Artifact(v["digest"], v["size"], f"model_v{number}{formats.KINDS[v['kind']].ext}")
-        if fmt not in TARGETS:
+        if fmt not in TARGETS and fmt not in QUANTIZED:
             raise NotFound(f"Version {number} is {formats.a_model(v['format'])}; it can be downloaded as original, "
                            f"{', '.join(TARGETS)}, not {fmt}.")
         artifact = await self.db.get_artifact(v["seq"], fmt)
+        if artifact is None and fmt in QUANTIZED:  # made by optimize only, never on a download
+            raise NotFound(f"Version {number} has no {fmt} form; make it with POST /models/{{id}}/optimize.")
         if artifact is None and (reason := routes.impossible_reason(v["kind"], fmt, v["format"])) is not None:
             raise NotFound(f"Version {number} cannot be downloaded as {fmt}: {reason}")
         artifact = artifact or await self.db.request_artifact(v["seq"], fmt, utc_now())
         status = artifact["status"]
         if status == "ready":
-            return Artifact(artifact["digest"], artifact["size"], f"model_v{number}{TARGETS[fmt]}")
+            return Artifact(artifact["digest"], artifact["size"], f"model_v{number}{({**TARGETS, **QUANTIZED})[fmt]}")
         if status in ("pending", "running"):
             self.pool.wake()
             raise NotFound(f"Version {number} is being converted to {fmt} ({status}); retry in a few seconds.",
@@ -363,7 +371,7 @@ class Registry:
         if ttl > self.config.max_link_age:
             raise BadRequest(f"Query parameter 'expires_in' must be at most {self.config.max_link_age} seconds "
                              f"(this server's limit on download links); got {ttl}.")
-        model, version = await self._version_row(model_id, ref)
+        model, version = await self.version_row(model_id, ref)
         expires = int(time.time()) + ttl
         if self.config.presigned_downloads:  # serve --presigned-downloads: the bucket serves the bytes itself
             artifact = await self.find_artifact(model_id, ref, fmt)

@@ -11,10 +11,14 @@ UPLOAD_FORMATS = ("pytorch", "tensorflow", "onnx", "sklearn", "xgboost", "lightg
 Framework = Literal["pytorch", "tensorflow", "xgboost", "sklearn"]
 FRAMEWORKS: tuple[str, ...] = get_args(Framework)
 DownloadFormat = Literal["original", "pytorch", "tensorflow", "onnx", "sklearn", "xgboost", "lightgbm", "numpy",
-                         "tflite", "coreml"]
+                         "tflite", "coreml", "onnx-int8", "onnx-fp16"]
 DOWNLOAD_FORMATS: tuple[str, ...] = get_args(DownloadFormat)
 Description = Annotated[str, msgspec.Meta(max_length=1000)]
 ShortText = Annotated[str, msgspec.Meta(max_length=200)]
+VersionStatus = Literal["draft", "published", "deprecated"]
+VERSION_STATUSES: tuple[str, ...] = get_args(VersionStatus)
+MetricName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f]+$")]
+MAX_METRICS = 64
 
 
 class Schema(msgspec.Struct, kw_only=True):
@@ -48,11 +52,13 @@ class Model(Schema):
     is_baseline: bool
     description: str | None
     created_at: str
+    architecture: dict[str, Any]
 
 
 class VersionSummary(Schema):
     version: int
     label: str | None
+    status: str
     format: str
     model_size_bytes: int
     model_hash: str
@@ -60,7 +66,17 @@ class VersionSummary(Schema):
     round_id: str | None
     accuracy: float | None
     loss: float | None
+    metrics: dict[str, float]
     uploaded_at: str
+
+
+class VersionList(Schema):
+    """GET /models/{id}/versions: newest first (the Octomil SDK's rollback takes versions[1] as the previous)."""
+
+    versions: list[VersionSummary]
+    total: int
+    limit: int
+    offset: int
 
 
 class FormatStatus(Schema):
@@ -82,6 +98,7 @@ class VersionFacts(Schema):
     model_id: str
     version: int
     label: str | None
+    status: str
     format: str
     model_path: str
     model_size_bytes: int
@@ -99,11 +116,18 @@ class VersionDetail(VersionFacts):
     accuracy: float | None
     loss: float | None
     input_shape: list[int] | None
+    metrics: dict[str, float]
     formats: dict[str, FormatStatus]
+
+
+class EventCount(Schema):
+    count: int
+    last_at: str
 
 
 class ModelDetail(Model):
     versions: list[VersionSummary]
+    events: dict[str, EventCount]
 
 
 class ModelList(Schema):
@@ -118,6 +142,28 @@ class SignedUrl(Schema):
     expires_at: str
 
 
+class UploadUrl(Schema):
+    """POST .../versions/upload-url: where to PUT the bytes once, and the key to confirm them with."""
+
+    upload_url: str
+    storage_key: str
+    method: str
+    expires_at: str
+
+
+class Federation(Schema):
+    id: str
+    name: str
+    description: str | None
+    org_id: str
+    created_at: str
+
+
+class EventsAccepted(Schema):
+    accepted: int
+    counted: int
+
+
 class CreateModel(msgspec.Struct, kw_only=True):
     """POST /api/v1/models body; unknown fields (name, use_case, org_id, ...) are ignored."""
 
@@ -130,6 +176,35 @@ class CreateModel(msgspec.Struct, kw_only=True):
     round_id: ShortText | None = None
     accuracy: float | None = None
     loss: float | None = None
+
+
+class CreateVersion(msgspec.Struct, kw_only=True):
+    """POST /models/{id}/versions: register bytes already in the store (a storage_key or a stored blob)."""
+
+    version: Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
+    storage_path: Annotated[str, msgspec.Meta(min_length=1, max_length=1000)]
+    format: str | None = None
+    checksum: Annotated[str, msgspec.Meta(max_length=100)]
+    size_bytes: Annotated[int, msgspec.Meta(ge=0)]
+    description: Description | None = None
+    metrics: dict[MetricName, float] | None = None
+    status: VersionStatus = "draft"
+
+
+class UpdateMetrics(msgspec.Struct, kw_only=True):
+    """PATCH .../versions/{v}/metrics: numbers of any name, merged in; null removes one."""
+
+    metrics: dict[MetricName, float | None]
+
+
+class CreateFederation(msgspec.Struct, kw_only=True):
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    org_id: ShortText = "default"
+    description: Description | None = None
+
+
+class AttachModel(msgspec.Struct, kw_only=True):
+    model_id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 
 
 class UpdateModel(msgspec.Struct, kw_only=True):
@@ -156,6 +231,47 @@ class UploadForm(msgspec.Struct, kw_only=True):
     accuracy: float | None = None
     loss: float | None = None
     input_shape: list[int] | None = None
+    architecture: dict[str, Any] | None = None
+    status: str = "published"
+    metrics: dict[str, float] | None = None
+
+
+class OptimizeRequest(msgspec.Struct, kw_only=True):
+    """POST /models/{id}/optimize (Octomil SDK): quantize the newest published version's ONNX form."""
+
+    accuracy_threshold: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.95
+    target_devices: list[ShortText] | None = None
+    size_budget_mb: Annotated[float, msgspec.Meta(ge=0, description="Largest variant wanted; 0: no budget")] = 0
+
+
+class Candidate(Schema):
+    """One optimized variant: its size, parity against the float ONNX model, and whether it qualifies."""
+
+    status: str
+    reason: str | None
+    size_bytes: int | None
+    parity: dict[str, Any] | None
+    retention: float | None
+    meets_threshold: bool
+    within_budget: bool
+
+
+class OptimizeReport(Schema):
+    model_id: str
+    version: int
+    feasible: bool
+    reason: str | None
+    criterion: str
+    accuracy_threshold: float
+    original_size_mb: float
+    optimized_size_mb: float | None
+    compression_ratio: float | None
+    optimizations_applied: list[str]
+    converted_paths: dict[str, str]
+    report: dict[str, Candidate]
+    runtime_recommendation: str
+    target_devices: list[str]
+    device_note: str
 
 
 # federated learning (the Octomil SDK's FederatedClient and Federation)

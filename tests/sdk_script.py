@@ -5,7 +5,7 @@ project's own. Usage:
 
     OCTOMIL_LITE_TEST_KEY=oml_... python sdk_script.py PHASE CONFIG.json
 
-CONFIG holds api_base, out_dir, names (onnx, pkl, formats) and the files to upload (onnx_v1,
+CONFIG holds api_base, out_dir, names (onnx, pkl, formats, life, fed) and the files to upload (onnx_v1,
 onnx_v2, pkl). PHASE is `main` (the whole flow) or `again` (ensure_model and pull_model by name
 once more, after the test has made the model list longer than one page).
 
@@ -177,7 +177,85 @@ def main() -> None:
     # Informational: the SDK's default format is pytorch, which these models do not have.
     step("pull_onnx_default_format", lambda: bytes_info(client.pull_model(names["onnx"])))
 
-    print(json.dumps({"steps": STEPS, "trace": TRACE, "ids": {"onnx": onnx_id, "pkl": pkl_id}}))
+    life_id = lifecycle(registry, client, cfg, token)
+    print(json.dumps({"steps": STEPS, "trace": TRACE, "ids": {"onnx": onnx_id, "pkl": pkl_id, "life": life_id}}))
+
+
+def lifecycle(registry: ModelRegistry, client: FederatedClient, cfg: dict[str, Any], token: Callable[[], str]) -> str:
+    """Version lifecycle, metrics, create_version, architecture, federations, events: a model of its own."""
+    import octomil
+    from octomil.python.octomil.edge import Octomil
+    from octomil.python.octomil.federation import Federation
+
+    names, out, api_base = cfg["names"], cfg["out_dir"], cfg["api_base"]
+    life = step("ensure_life", lambda: registry.ensure_model(name=names["life"], framework="sklearn",
+                                                             use_case="regression"))
+    life_id = life["id"] if isinstance(life, dict) else names["life"]
+    v1 = step("upload_life_v1", lambda: registry.upload_version_from_path(
+        life_id, cfg["onnx_v1"], version="1.0.0", architecture="mlp", input_dim=3, hidden_dim=8, output_dim=1))
+    step("upload_life_v2", lambda: registry.upload_version_from_path(life_id, cfg["onnx_v2"], version="2.0.0"))
+    v1 = v1 or {}
+    # create_version: register bytes already in the store (v1's blob) as a new, draft version.
+    step("create_version_bad_checksum", lambda: registry.create_version(
+        life_id, "2.1.0", storage_path=v1.get("model_path", ""), fmt="onnx", checksum="sha256:" + "0" * 64,
+        size_bytes=v1.get("model_size_bytes", 0)))
+    step("create_version", lambda: registry.create_version(
+        life_id, "2.1.0", storage_path=v1.get("model_path", ""), fmt="onnx", checksum=v1.get("model_hash", ""),
+        size_bytes=v1.get("model_size_bytes", 0), description="v1 re-registered", metrics={"rmse": 0.25}))
+    step("list_versions", lambda: registry.list_versions(life_id))
+    step("list_versions_draft", lambda: registry.list_versions(life_id, status_filter="draft"))
+    step("list_versions_page", lambda: registry.list_versions(life_id, limit=1, offset=1))
+    step("latest_while_draft", lambda: registry.get_latest_version(life_id))
+    step("publish_version", lambda: registry.publish_version(life_id, "2.1.0"))
+    step("publish_version_again", lambda: registry.publish_version(life_id, "2.1.0"))
+    step("latest_after_publish", lambda: registry.get_latest_version(life_id))
+    step("update_version_metrics", lambda: registry.update_version_metrics(
+        life_id, "2.1.0", {"rmse": 0.2, "mae": 0.1}))
+    step("get_version", lambda: registry.get_version(life_id, "2.1.0"))
+    step("deprecate_version", lambda: registry.deprecate_version(life_id, "2.1.0"))
+    step("deprecate_version_again", lambda: registry.deprecate_version(life_id, "2.1.0"))
+    step("latest_after_deprecate", lambda: registry.get_latest_version(life_id))
+    step("download_deprecated", lambda: file_info(registry.download(
+        life_id, "2.1.0", os.path.join(out, "life_deprecated"), format="onnx")["model_path"]))
+    step("get_model_architecture", lambda: client.get_model_architecture(names["life"]))
+
+    # Federation(...) and Octomil(...) find or create their federation when constructed.
+    fed = step("federation_construct", lambda: Federation(token, name=names["fed"], api_base=api_base))
+    step("federation_construct_again", lambda: Federation(token, name=names["fed"], api_base=api_base).federation_id)
+    fed_id = fed.federation_id if fed else "none"
+    STEPS["federation_construct"]["value"] = fed_id
+    step("federation_attach_model", lambda: fed.api.post(f"/federations/{fed_id}/models", {"model_id": life_id}))
+    step("federation_models", lambda: fed.api.get(f"/federations/{fed_id}/models"))
+    step("federation_invite", lambda: fed.invite(["another-org"]))
+    step("federation_analytics", lambda: fed.analytics.descriptive("age"))
+    step("federation_deploy", lambda: fed.deploy(model_id=life_id, version="2.0.0"))
+    octo = step("octomil_construct", lambda: Octomil(token, api_base=api_base))
+    STEPS["octomil_construct"]["value"] = octo.federation.federation_id if octo else None
+    step("octomil_registry_list_versions", lambda: octo.registry.list_versions(life_id))
+
+    # optimize, compatibility, device config; the quantized variants download like any format.
+    step("optimize", lambda: registry.optimize(life_id, accuracy_threshold=0.5, target_devices=["pixel_8"]))
+    step("download_fp16", lambda: file_info(registry.download(
+        life_id, "2", os.path.join(out, "life_fp16"), format="onnx-fp16")["model_path"]))
+    step("check_compatibility", lambda: registry.check_compatibility(life_id, ["pixel_8", "iphone_15"]))
+    step("get_device_config", lambda: registry.get_device_config(life_id, "pixel_8"))
+    step("download_for_device", lambda: file_info(registry.download(
+        life_id, "2", os.path.join(out, "life_device"), device_type="pixel_8")["model_path"]))
+
+    # Telemetry and inference events, counted per model.
+    step("init", lambda: octomil.init(api_key=token(), api_base=api_base))
+
+    def telemetry() -> None:
+        reporter = octomil.get_reporter()
+        reporter.report_inference_started(model_id=life_id, version="2.0.0", session_id="s1")
+        reporter.report_inference_completed(session_id="s1", model_id=life_id, version="2.0.0", total_chunks=1,
+                                            total_duration_ms=5.0, ttfc_ms=1.0, throughput=1.0)
+        reporter.close()
+
+    step("telemetry_events", telemetry)
+    step("inference_generate", lambda: [c.data.decode() for c in client.inference.generate(life_id, prompt="hi")])
+    step("get_model_events", lambda: registry.get_model(life_id))
+    return life_id
 
 
 if __name__ == "__main__":

@@ -112,6 +112,27 @@ def test_upload_sends_the_fields_and_download_writes_the_file(cli: Cli, tmp_path
     assert (version["round_id"], version["accuracy"], version["loss"]) == ("r4", 0.93, 0.2)
 
 
+def test_versions_list_publish_deprecate_and_metrics(cli: Cli, tmp_path: Path) -> None:
+    model_id = cli.ok("models", "create", "--framework", "sklearn").strip()
+    source = model_file(tmp_path / "m.pkl", 1000)
+    for label in ("1.0.0", "1.1.0"):
+        cli.ok("upload", model_id, str(source), "--format", "sklearn", "--label", label)
+    assert cli.ok("versions", "deprecate", model_id, "1.1.0").strip() == f"version 2 of {model_id}: deprecated"
+    assert cli.ok("versions", "metrics", model_id, "1", "f1=0.91", "latency_ms=12").strip() == \
+        f"version 1 of {model_id}: f1=0.91 latency_ms=12"
+    table = cli.ok("versions", "list", model_id).splitlines()
+    assert table[0].split()[:4] == ["VERSION", "LABEL", "STATUS", "FORMAT"]
+    assert table[1].split()[:3] == ["2", "1.1.0", "deprecated"] and table[2].split()[:3] == ["1", "1.0.0", "published"]
+    assert "f1=0.91 latency_ms=12" in table[2]
+    only = json.loads(cli.ok("versions", "list", model_id, "--status", "deprecated", "--json"))
+    assert [v["version"] for v in only] == [2]
+    assert "published" in cli.ok("versions", "publish", model_id, "2")
+    assert "f1=0.91" in cli.ok("models", "get", model_id)
+    assert cli.ok("versions", "metrics", model_id, "1", "f1=").strip() == f"version 1 of {model_id}: latency_ms=12"
+    bad = cli("versions", "metrics", model_id, "1", "f1")
+    assert bad.exit_code == 2 and "NAME=NUMBER" in bad.output
+
+
 def test_download_of_a_format_that_cannot_be_made_is_a_one_line_error(cli: Cli, tmp_path: Path) -> None:
     model_id = cli.ok("models", "create").strip()
     cli.ok("upload", model_id, str(model_file(tmp_path / "m.pkl", 1000)), "--format", "sklearn")

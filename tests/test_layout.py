@@ -38,7 +38,8 @@ def _wing(module: str) -> str:
         return parts[1]
     if parts[1] in ("cli", "cli_client", "cli_training", "client", "flower"):
         return "face"
-    if parts[1] in ("registry", "maintenance", "federated", "aggregation"):
+    if parts[1] in ("registry", "maintenance", "federated", "aggregation", "lifecycle", "direct_uploads",
+                    "federations", "optimize", "usage"):
         return "domain"
     return "base"
 

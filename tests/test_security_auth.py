@@ -25,11 +25,12 @@ from octomil_lite.auth import SCOPES, hash_key
 from octomil_lite.registry import Registry
 
 ALL_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "TRACE")
-# Routes that answer without a key: none of them holds registry data (checked below); the signed download checks
-# its own HMAC signature instead.
+# Routes that answer without a key: none of them holds registry data (checked below); the signed download and the
+# signed upload PUT (tests/test_direct_upload.py) check their own HMAC signature instead.
 PUBLIC = {"/health", "/", "/static/{file_path:path}", "/schema", "/schema/swagger", "/schema/openapi.yml",
           "/schema/openapi.yaml", "/schema/openapi.json", "/schema/{path:str}", "/schema/oauth2-redirect.html",
-          "/signed/models/{model_id:str}/versions/{version:str}/download"}
+          "/signed/models/{model_id:str}/versions/{version:str}/download",
+          "/signed/models/{model_id:str}/uploads/{storage_key:str}"}
 SCOPE_RANK = {scope: rank for rank, scope in enumerate(SCOPES)}  # read < device < write < admin
 MALFORMED = [
     {},

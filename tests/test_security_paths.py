@@ -79,17 +79,21 @@ def tree(root: Path, skip: Path) -> set[Path]:
 
 
 def assert_data_dir_holds_only_registry_files(data_dir: Path) -> None:
-    """registry.sqlite3 (+WAL), the signing key, digest-named blobs and an empty tmp/: nothing named by a client."""
+    """registry.sqlite3 (+WAL), the signing key, digest-named blobs, an empty tmp/ and uploads/ (three-step uploads
+    received bytes, named by the server): nothing named by a client."""
     for path in data_dir.rglob("*"):
         rel = path.relative_to(data_dir).as_posix()
         assert TOKEN not in rel, rel
         if path.is_dir():
-            assert rel in ("blobs", "blobs/sha256", "tmp") or re.fullmatch(r"blobs/sha256/[0-9a-f]{2}", rel), rel
+            assert rel in ("blobs", "blobs/sha256", "tmp", "uploads") or re.fullmatch(r"blobs/sha256/[0-9a-f]{2}",
+                                                                                       rel), rel
         else:
             assert not path.is_symlink(), rel
             if rel.startswith("blobs/"):
                 assert re.fullmatch(r"blobs/sha256/([0-9a-f]{2})/\1[0-9a-f]{62}", rel), rel
                 assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name, rel
+            elif rel.startswith("uploads/"):
+                assert re.fullmatch(r"uploads/upload-[0-9a-f]{32}", rel), rel
             else:
                 assert re.fullmatch(r"registry\.sqlite3(-wal|-shm|-journal)?|secret\.key", rel), rel
     assert list((data_dir / "tmp").iterdir()) == []

@@ -113,3 +113,50 @@ async def test_a_digest_maps_to_the_first_object_published(metadata_store: Metad
     assert await metadata_store.pending_keys() == set()
     assert (await metadata_store.object_key("a" * 64) or {})["key"] == "objects/first"
     assert await metadata_store.reap_objects(0) == []  # still referenced by both versions
+
+
+async def test_versions_page_newest_first_and_latest_skips_unpublished(metadata_store: MetadataStore) -> None:
+    db = metadata_store
+    seq = await _new_model(db)
+    for status in ("published", "published", "draft"):
+        await db.insert_version(seq, {**VERSION, "status": status}, {}, [], _nothing_to_publish)
+    rows, total = await db.page_versions(seq, 2, 0, None)
+    assert [r["number"] for r in rows] == [3, 2] and total == 3
+    rows, total = await db.page_versions(seq, 10, 0, "draft")
+    assert [r["number"] for r in rows] == [3] and total == 1
+    latest = await db.get_version(seq)
+    assert latest is not None and latest["number"] == 2
+    await db.update_version(latest["seq"], {"status": "deprecated"})
+    latest = await db.get_version(seq)
+    assert latest is not None and latest["number"] == 1
+
+
+async def test_direct_upload_states_move_once(metadata_store: MetadataStore) -> None:
+    db = metadata_store
+    seq = await _new_model(db)
+    await db.insert_direct_upload({"storage_key": "k", "model_seq": seq, "label": "1.0", "filename": "f",
+                                   "expires": 10, "state": "awaiting"})
+    assert await db.move_direct_upload("k", "awaiting", "receiving")
+    assert not await db.move_direct_upload("k", "awaiting", "receiving")  # a second PUT
+    await db.recover_direct_uploads()
+    row = await db.get_direct_upload("k")
+    assert row is not None and row["state"] == "awaiting"
+    assert [r["storage_key"] for r in await db.expired_direct_uploads(11)] == ["k"]
+    await db.delete_direct_upload("k")
+    assert await db.direct_upload_keys() == set()
+
+
+async def test_federations_and_event_counters(metadata_store: MetadataStore) -> None:
+    db = metadata_store
+    seq = await _new_model(db)
+    await db.insert_federation({"id": "f", "name": "fed", "description": None, "org_id": "o", "created_at": "t"})
+    with pytest.raises(storage.Conflict):
+        await db.insert_federation({"id": "g", "name": "fed", "description": None, "org_id": "o", "created_at": "t"})
+    fed = await db.get_federation(name="fed")
+    assert fed is not None and [f["id"] for f in await db.list_federations(None)] == ["f"]
+    assert await db.attach_model(fed["seq"], seq, "t") and not await db.attach_model(fed["seq"], seq, "t")
+    assert [m["id"] for m in await db.federation_models(fed["seq"])] == ["m"]
+    await db.count_events({(seq, "a"): 2, (seq, "b"): 1, (seq, "c"): 1}, "t", 3)
+    await db.count_events({(seq, "a"): 1, (seq, "d"): 1}, "u", 3)
+    counts = {e["name"]: e["count"] for e in await db.model_events(seq)}
+    assert counts == {"a": 3, "b": 1, "other": 2}

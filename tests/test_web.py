@@ -237,6 +237,26 @@ def test_upload_form_adds_a_version_with_progress(tab: Tab, site: Site, sklearn_
     assert tab.outside_requests() == []
 
 
+def test_per_version_metrics_are_charted_and_statuses_shown(tab: Tab, site: Site, sklearn_pickle: bytes) -> None:
+    model = site.create_model(framework="sklearn", description="Charted")
+    for label, f1 in (("1.0.0", 0.8), ("1.1.0", 0.9)):
+        resp = site.api.post(f"/models/{model['id']}/versions/upload", data={"version": label},
+                             files={"file": ("m.pkl", sklearn_pickle)})
+        assert resp.status_code == 201, resp.text
+        site.api.patch(f"/models/{model['id']}/versions/{label}/metrics", json={"metrics": {"f1": f1, "p@5": 1}})
+    site.api.post(f"/models/{model['id']}/versions/1.0.0/deprecate", json={})
+    tab.sign_in()
+    tab.page.locator("#models").wait_for()
+    tab.open_model(model["id"])
+    page = tab.page
+    page.locator('#chart figure[data-metric="f1"] circle').nth(1).wait_for()
+    assert page.locator('#chart figure[data-metric="f1"] circle').count() == 2
+    assert page.locator('#chart figure[data-metric="p@5"] circle').count() == 2
+    assert page.locator("#chart svg.accuracy").count() == 0
+    assert page.locator("#versions tbody tr", has_text="1.0.0").locator(".status.deprecated").count() == 1
+    assert tab.outside_requests() == []
+
+
 def test_edit_form_saves_description_and_metrics(tab: Tab, site: Site) -> None:
     model = site.create_model(framework="pytorch", description="Before edit")
     editable = site.api.patch(f"/models/{model['id']}", json={}).status_code != 405

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import bounded_reason
+from .quantize import QUANTIZED
 from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 
 if TYPE_CHECKING:  # the pool needs only the interfaces, never a store's module
@@ -133,17 +134,23 @@ class ConversionPool:
             shutil.rmtree(out_dir, ignore_errors=True)
 
     async def _convert(self, job: Row, out_dir: Path) -> dict[str, Any]:
-        async with self.blobs.local_copy(job["digest"]) as src:
-            return await self._convert_file(job, src, out_dir)
+        task, digest = "convert", job["digest"]
+        if job["target"] in QUANTIZED:  # made from the version's ONNX form, not from its original bytes
+            onnx = await self.db.get_artifact(job["version_seq"], "onnx")
+            if onnx is None or onnx["status"] != "ready":
+                return {"status": "failed", "reason": "the version has no ONNX form to quantize"}
+            task, digest = "quantize", onnx["digest"]
+        async with self.blobs.local_copy(digest) as src:
+            return await self._convert_file(job, task, src, out_dir)
 
-    async def _convert_file(self, job: Row, src: Path, out_dir: Path) -> dict[str, Any]:
+    async def _convert_file(self, job: Row, task: str, src: Path, out_dir: Path) -> dict[str, Any]:
         payload = {
             "src": str(src), "kind": job["kind"], "framework_hint": job["format"],
             "target": job["target"], "out_dir": str(out_dir),
             "options": {"input_shape": json.loads(job["input_shape"])} if job["input_shape"] else {},
         }
         try:
-            result = await run_task("convert", payload, self.limits, self.blobs.tmp)
+            result = await run_task(task, payload, self.limits, self.blobs.tmp)
         except SandboxError as exc:
             return {"status": "failed", "reason": f"the conversion {exc}"}
         status = result.get("status")
@@ -156,7 +163,7 @@ class ConversionPool:
         if output.parent != out_dir.resolve() or output.is_symlink() or not output.is_file():
             return {"status": "failed", "reason": "the converter wrote its output outside its working directory"}
         signature = None
-        if job["target"] == "onnx":
+        if job["target"] == "onnx" or job["target"] in QUANTIZED:
             try:
                 check = await run_task("check-onnx", {"path": str(output)}, CHECK_LIMITS, self.blobs.tmp)
             except SandboxError as exc:

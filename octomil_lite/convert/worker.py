@@ -89,6 +89,10 @@ def main() -> None:
         result = inspect_weights(payload)
     elif task == "aggregate-weights":
         result = aggregate_weights(payload)
+    elif task == "quantize":
+        from .quantize import quantize
+
+        result = quantize(payload)
     elif task == "convert":
         result = run_job(payload)
     else:

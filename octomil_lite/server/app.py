@@ -24,6 +24,8 @@ from ..errors import DISK_FULL, UNEXPECTED, BadRequest, Forbidden, OctomilError,
 from ..registry import KeyInfo, Registry
 from ..schemas import DOWNLOAD_FORMATS, FRAMEWORKS, ErrorBody
 from .controllers import ModelController, health, signed_download
+from .federations import route_handlers as federation_routes
+from .lifecycle import VersionLifecycleController, signed_put
 from .training import DeviceController, TrainingController
 from .web import openapi_config
 from .web import route_handlers as web_routes
@@ -220,7 +222,8 @@ def create_app(config: Config) -> Litestar:
         return state.registry  # type: ignore[no-any-return]
 
     app = Litestar(
-        route_handlers=[health, ModelController, DeviceController, TrainingController, signed_download, *web_routes],
+        route_handlers=[health, ModelController, VersionLifecycleController, DeviceController, TrainingController,
+                        signed_download, signed_put, *federation_routes, *web_routes],
         lifespan=[lifespan],
         state=State({"rate_limiter": RateLimiter(config.rate_limit), "conversions": available_conversions()}),
         dependencies={"registry": Provide(provide_registry, sync_to_thread=False)},

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 
 from ..config import human_size
 from ..errors import BadRequest, PayloadTooLarge
-from ..registry import UploadedFile
+from ..lifecycle import UploadedFile, label_of
 from ..schemas import UploadForm
 from ..storage import StagedBlob
 
@@ -73,10 +74,7 @@ async def receive_upload(chunks: AsyncIterator[bytes], boundary: str, limit: int
                         result.fields[current] = _decode(current, text)
                     current = None
                 elif current in FILE_PARTS:
-                    staged = result.files[current].staged
-                    if staged.size + len(event) > limit:
-                        raise too_large(limit)
-                    await staged.write(event)
+                    await _append(result.files[current].staged, event, limit)
                 elif current:
                     text += event
                     if len(text) > MAX_FIELD_BYTES:
@@ -93,6 +91,26 @@ async def receive_upload(chunks: AsyncIterator[bytes], boundary: str, limit: int
         await result.discard()
         raise
     return result
+
+
+async def _append(staged: StagedBlob, data: bytes, limit: int) -> None:
+    """Every uploaded byte, multipart or raw PUT, goes through here: the size limit, then hash-and-write."""
+    if staged.size + len(data) > limit:
+        raise too_large(limit)
+    await staged.write(data)
+
+
+async def receive_raw(chunks: AsyncIterator[bytes], limit: int, stage: Callable[[], StagedBlob]) -> StagedBlob:
+    """Stream a raw request body (a direct upload's PUT) into a staged blob; discarded on any error."""
+    staged = stage()
+    try:
+        async for chunk in chunks:
+            await _append(staged, chunk, limit)
+        await staged.finish()
+    except BaseException:
+        await staged.discard()
+        raise
+    return staged
 
 
 def _start_part(segment: MultipartSegment, result: ParsedUpload, stage: Callable[[], StagedBlob]) -> str | None:
@@ -147,20 +165,31 @@ def _shape(value: str | None) -> list[int] | None:
     return [int(p) for p in parts]
 
 
-def _label(value: str | None) -> str | None:
-    label = _text("version", value.strip() if value else None, 100)
-    if not label:
-        return None
-    if label.isdigit() or label == "latest" or "/" in label:
-        raise BadRequest(f"Form field 'version' is a label such as 1.0.0; '{label[:50]}' would clash with version "
-                         "numbers, 'latest' or paths.")
-    return label
-
-
 def _targets(value: str | None) -> list[str]:
     # The Octomil SDK's `formats`: conversions wanted, comma-separated; ones we cannot make are ignored.
     wanted = [part.strip().lower() for part in (value or "").split(",")]
     return [target for target in ("onnx", "tflite", "coreml") if target in wanted]
+
+
+def _architecture(fields: dict[str, str]) -> dict[str, Any] | None:
+    # The Octomil SDK's upload sends these for its federated-training models; returned as the model's architecture.
+    found: dict[str, Any] = {}
+    if name := _text("architecture", fields.get("architecture") or None, 200):
+        found["name"] = name
+    for dim in ("input_dim", "hidden_dim", "output_dim"):
+        value = (fields.get(dim) or "").strip()
+        if value:
+            if not value.isdigit() or not 0 < int(value) <= 1_000_000_000:
+                raise BadRequest(f"Form field '{dim}' must be a positive integer; got '{value[:50]}'.")
+            found[dim] = int(value)
+    return found or None
+
+
+def _status(value: str | None) -> str:
+    status = (value or "").strip() or "published"
+    if status not in ("draft", "published"):
+        raise BadRequest(f"Form field 'status' is draft or published (the default); got '{status[:50]}'.")
+    return status
 
 
 def upload_form(fields: dict[str, str]) -> UploadForm:
@@ -169,9 +198,11 @@ def upload_form(fields: dict[str, str]) -> UploadForm:
         format=(fields.get("format") or "").strip() or None,
         targets=_targets(fields.get("formats")),
         description=_text("description", fields.get("description"), 1000),
-        label=_label(fields.get("version")),
+        label=label_of(fields.get("version")),
         round_id=_text("round_id", fields.get("round_id") or None, 200),
         accuracy=_number("accuracy", fields.get("accuracy")),
         loss=_number("loss", fields.get("loss")),
         input_shape=_shape(fields.get("input_shape")),
+        architecture=_architecture(fields),
+        status=_status(fields.get("status")),
     )

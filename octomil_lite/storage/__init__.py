@@ -138,8 +138,13 @@ class MetadataStore(TrainingStore, Protocol):
 
     # versions
     async def list_versions(self, model_seq: int) -> list[Row]: ...
+    async def page_versions(self, model_seq: int, limit: int, offset: int, status: str | None) -> tuple[list[Row], int]:
+        """A page of versions, newest first, and the count of all of `status` (None: all)."""
     async def get_version(self, model_seq: int, *, number: int | None = None, label: str | None = None) -> Row | None:
-        """A version by number, by label, or (neither given) the newest."""
+        """A version by number, by label, or (neither given) the newest published one."""
+    async def update_version(self, version_seq: int, fields: Row) -> None: ...
+    async def find_model_nocase(self, name: str) -> Row | None:
+        """The model named exactly `name`, else the oldest whose name equals it ignoring ASCII case."""
     async def insert_version(self, model_seq: int, row: Row, model_fields: Row, artifacts: list[Row],
                              publish: Publish) -> int | None:
         """Publish the blob, then add the model's next version and its artifacts; None if the model is gone."""
@@ -178,6 +183,30 @@ class MetadataStore(TrainingStore, Protocol):
         """The download-link signing key, made on first use, the same for every process of the registry."""
     async def rotate_link_secret(self) -> None:
         """Replace the signing key; links signed with the old one stop working everywhere at once."""
+
+    # three-step uploads: one row per upload-url, its state moved by compare-and-set
+    async def insert_direct_upload(self, row: Row) -> None: ...
+    async def get_direct_upload(self, storage_key: str) -> Row | None: ...
+    async def move_direct_upload(self, storage_key: str, before: str, after: str, fields: Row | None = None) -> bool:
+        """Set state `after` (and `fields`) only if the state is `before`; False otherwise."""
+    async def delete_direct_upload(self, storage_key: str) -> None: ...
+    async def recover_direct_uploads(self) -> None:
+        """After a restart: uploads cut short mid-PUT may be PUT again; those cut short mid-confirm are dropped."""
+    async def expired_direct_uploads(self, before: int) -> list[Row]: ...
+    async def direct_upload_keys(self) -> set[str]: ...
+
+    # federations and the models attached to them
+    async def insert_federation(self, row: Row) -> None: ...
+    async def get_federation(self, federation_id: str | None = None, *, name: str | None = None) -> Row | None: ...
+    async def list_federations(self, name: str | None) -> list[Row]: ...
+    async def attach_model(self, federation_seq: int, model_seq: int, when: str) -> bool:
+        """Add a model to a federation; False if it already was in it."""
+    async def federation_models(self, federation_seq: int) -> list[Row]: ...
+
+    # usage counters
+    async def count_events(self, counts: dict[tuple[int, str], int], when: str, max_names: int) -> None:
+        """Add to each (model seq, event name) counter, at most `max_names` names a model (the rest: 'other')."""
+    async def model_events(self, model_seq: int) -> list[Row]: ...
 
     # storage accounting (gc, verify)
     async def referenced_digests(self) -> set[str]: ...

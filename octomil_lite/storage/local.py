@@ -237,6 +237,7 @@ class LocalBlobStore:
             sha = hashlib.sha256()
             with open(path, "rb", buffering=0) as f:
                 while data := f.read(FLUSH_BYTES):
+                    staged.head = staged.head or data[:HEAD_BYTES]
                     sha.update(data)
                 os.fsync(f.fileno())
             staged.digest, staged.size = sha.hexdigest(), path.stat().st_size

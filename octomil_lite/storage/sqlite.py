@@ -16,15 +16,8 @@ from ..errors import DISK_FULL
 from . import Conflict, Publish, Recorder, Row, StorageError, StorageFull
 from .secret import LinkSecret
 from .sqlite_schema import MIGRATIONS
+from .sqlite_sdk import _LATEST_JOIN, _MODEL_COLUMNS, SdkTables, _assignments, _insert
 from .training import TrainingQueries
-
-_MODEL_COLUMNS = """
-    m.seq, m.id, m.name, m.use_case, m.framework, m.framework_version, m.description, m.is_baseline, m.round_id,
-    m.accuracy, m.loss, m.created_at, v.digest AS digest, v.size AS size
-"""
-_LATEST_JOIN = """
-    LEFT JOIN versions v ON v.seq = (SELECT seq FROM versions WHERE model_seq = m.seq ORDER BY number DESC LIMIT 1)
-"""
 
 EXPORTED_TABLES = ("models", "versions", "artifacts", "api_keys")
 REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
@@ -76,14 +69,6 @@ def migrate(path: Path) -> None:
         conn.close()
 
 
-def _insert(table: str, row: Row) -> tuple[str, tuple[Any, ...]]:
-    return f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' for _ in row)})", tuple(row.values())
-
-
-def _assignments(fields: Row) -> str:
-    return ", ".join(f"{name} = ?" for name in fields)
-
-
 def _recorder(conn: aiosqlite.Connection) -> Recorder:
     async def record(digest: str, key: str, size: int) -> str:
         """Map digest -> key in this transaction; the key already mapped wins (publish once)."""
@@ -99,7 +84,7 @@ def _recorder(conn: aiosqlite.Connection) -> Recorder:
     return record
 
 
-class SQLiteStore(TrainingQueries):
+class SQLiteStore(TrainingQueries, SdkTables):
     """The registry's MetadataStore on SQLite; writes are serialised through one connection."""
 
     _recorder = staticmethod(_recorder)
@@ -183,12 +168,18 @@ class SQLiteStore(TrainingQueries):
         return await self._all("SELECT * FROM versions WHERE model_seq = ? ORDER BY number", (model_seq,))
 
     async def get_version(self, model_seq: int, *, number: int | None = None, label: str | None = None) -> Row | None:
-        """A version by number, by label, or (neither given) the newest."""
+        """A version by number, by label, or (neither given) the newest published one."""
         if number is not None:
             return await self._one("SELECT * FROM versions WHERE model_seq = ? AND number = ?", (model_seq, number))
         if label is not None:
             return await self._one("SELECT * FROM versions WHERE model_seq = ? AND label = ?", (model_seq, label))
-        return await self._one("SELECT * FROM versions WHERE model_seq = ? ORDER BY number DESC LIMIT 1", (model_seq,))
+        return await self._one("SELECT * FROM versions WHERE model_seq = ? AND status = 'published' "
+                               "ORDER BY number DESC LIMIT 1", (model_seq,))
+
+    async def update_version(self, version_seq: int, fields: Row) -> None:
+        async with self.transaction() as conn:
+            await conn.execute(f"UPDATE versions SET {_assignments(fields)} WHERE seq = ?",
+                               (*fields.values(), version_seq))
 
     async def insert_version(self, model_seq: int, row: Row, model_fields: Row, artifacts: list[Row],
                              publish: Publish) -> int | None:

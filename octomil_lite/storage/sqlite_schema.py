@@ -86,4 +86,43 @@ MIGRATIONS: list[str] = [
     );
     """,
     TRAINING_TABLES,  # 3: federated learning (storage/training.py)
+    # 4: Octomil SDK surface (issue 16): version lifecycle and metrics, architecture, three-step uploads,
+    # federations, usage counters. Existing versions were downloadable, so they are published.
+    """
+    ALTER TABLE versions ADD COLUMN status TEXT NOT NULL DEFAULT 'published';
+    ALTER TABLE versions ADD COLUMN metrics TEXT;
+    CREATE INDEX versions_by_status ON versions(model_seq, status, number);
+    ALTER TABLE models ADD COLUMN architecture TEXT;
+    CREATE TABLE direct_uploads (
+        storage_key TEXT PRIMARY KEY,
+        model_seq INTEGER NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
+        label TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        expires INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        digest TEXT,
+        size INTEGER
+    );
+    CREATE TABLE federations (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL UNIQUE,
+        description TEXT,
+        org_id TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE federation_models (
+        federation_seq INTEGER NOT NULL REFERENCES federations(seq) ON DELETE CASCADE,
+        model_seq INTEGER NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
+        added_at TEXT NOT NULL,
+        PRIMARY KEY (federation_seq, model_seq)
+    );
+    CREATE TABLE model_events (
+        model_seq INTEGER NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        last_at TEXT NOT NULL,
+        PRIMARY KEY (model_seq, name)
+    );
+    """,
 ]

@@ -261,6 +261,10 @@ async function showModel(modelId, id) {
     ["Newest version", model.model_hash
       ? `${formatBytes(model.model_size_bytes)}, ${model.model_hash}` : "none uploaded"],
   ];
+  const architecture = Object.entries(model.architecture || {});
+  if (architecture.length) meta.push(["Architecture", architecture.map(([k, v]) => `${k} ${v}`).join(", ")]);
+  const events = Object.entries(model.events || {});
+  if (events.length) meta.push(["Events", events.map(([k, v]) => `${k}: ${v.count}`).join(", ")]);
   $("#model-meta", node).replaceChildren(...meta.flatMap(([term, value]) => [el("dt", {}, term), el("dd", {}, value)]));
 
   setUpEdit($("#edit", node), model, path);
@@ -320,7 +324,8 @@ function versionRow(model, v) {
   const formats = el("ul", { class: "formats" }, el("li", {}, "Loading…"));
   const row = el("tr", {},
     el("th", { scope: "row", "data-label": "Version" }, `v${v.version}`,
-      v.label ? el("div", { class: "hint" }, v.label) : null),
+      v.label ? el("div", { class: "hint" }, v.label) : null,
+      el("div", { class: `status ${v.status}` }, v.status || "published")),
     el("td", { "data-label": "Format" }, v.format),
     el("td", { "data-label": "Size", class: "num" }, formatBytes(v.model_size_bytes)),
     el("td", { "data-label": "Hash" }, el("span", { class: "mono", title: v.model_hash }, shortHash(v.model_hash))),
@@ -464,11 +469,14 @@ function setUpUpload(form, path) {
   });
 }
 
-// ---------- accuracy and loss chart (inline SVG) ----------
+// ---------- metric charts (inline SVG): accuracy, loss and every per-version metric ----------
 
 function drawCharts(section, versions) {
-  const panels = [["accuracy", "Accuracy"], ["loss", "Loss"]]
-    .map(([field, label]) => [field, label, versions.filter((v) => isNumber(v[field])).map((v) => [v.version, v[field]])])
+  const series = [["accuracy", "Accuracy", (v) => v.accuracy], ["loss", "Loss", (v) => v.loss]];
+  const names = [...new Set(versions.flatMap((v) => Object.keys(v.metrics || {})))].sort();
+  names.forEach((name, i) => series.push([`metric m${i}`, name, (v) => (v.metrics || {})[name]]));
+  const panels = series
+    .map(([field, label, value]) => [field, label, versions.filter((v) => isNumber(value(v))).map((v) => [v.version, value(v)])])
     .filter(([, , points]) => points.length > 0)
     .map(([field, label, points]) => lineChart(field, label, points));
   if (panels.length === 0) return;
@@ -513,7 +521,7 @@ function lineChart(field, label, points, prefix = "v") {
   const sx = (x) => (x1 === x0 ? (left + W - right) / 2 : left + ((x - x0) / (x1 - x0)) * (W - left - right));
   const sy = (y) => top + (1 - (y - y0) / (y1 - y0)) * (H - top - bottom);
 
-  const titleId = `chart-${field}-title`;
+  const titleId = `chart-${field.replace(" ", "-")}-title`;
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: `chart ${field}`, role: "img", "aria-labelledby": titleId });
   const summary = points.map(([x, y]) => `${prefix}${x}: ${formatNumber(y)}`).join(", ");
   chart.append(svg("title", { id: titleId }, `${label}: ${summary}`));
@@ -534,7 +542,7 @@ function lineChart(field, label, points, prefix = "v") {
     chart.append(svg("circle", { cx: sx(x), cy: sy(y), r: 4, class: "dot" },
       svg("title", {}, `${prefix}${x}: ${formatNumber(y)}`)));
   }
-  return el("figure", {}, chart, el("figcaption", {}, label));
+  return el("figure", { "data-metric": label }, chart, el("figcaption", {}, label));
 }
 
 // ---------- routing: #/ is the list, #/models/<id> one model ----------

@@ -20,7 +20,7 @@ from litestar.utils import normalize_path
 
 from .auth import RateLimiter, scope_allows
 from .config import Config
-from .controllers import ModelController, health, signed_download
+from .controllers import ModelController, health, import_bundle, signed_download
 from .convert import available_conversions
 from .errors import DISK_FULL, UNEXPECTED, BadRequest, Forbidden, OctomilError, RateLimited, Unauthorized
 from .registry import KeyInfo, Registry
@@ -214,7 +214,7 @@ def create_app(config: Config) -> Litestar:
         return state.registry  # type: ignore[no-any-return]
 
     app = Litestar(
-        route_handlers=[health, ModelController, signed_download, *web_routes],
+        route_handlers=[health, ModelController, import_bundle, signed_download, *web_routes],
         lifespan=[lifespan],
         state=State({"rate_limiter": RateLimiter(config.rate_limit), "conversions": available_conversions()}),
         dependencies={"registry": Provide(provide_registry, sync_to_thread=False)},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -20,6 +21,7 @@ from litestar.openapi.spec import (
     Schema,
 )
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.response import Stream
 
 from . import __version__
 from .errors import BadRequest
@@ -32,6 +34,7 @@ from .schemas import (
     ErrorBody,
     Framework,
     Health,
+    ImportSummary,
     Model,
     ModelDetail,
     ModelList,
@@ -40,7 +43,7 @@ from .schemas import (
     UploadedVersion,
     VersionDetail,
 )
-from .uploads import FORM_OVERHEAD, boundary_of, receive_upload, too_large, upload_form
+from .uploads import FORM_OVERHEAD, BodyReader, boundary_of, receive_upload, too_large, upload_form
 
 T = TypeVar("T")
 
@@ -139,6 +142,26 @@ class SignedDownloadOperation(DownloadOperation):
         self.security = []
 
 
+_TAR = {"application/x-tar": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY))}
+
+
+@dataclass
+class ExportOperation(Operation):
+    """An export answers with a tar bundle, not JSON."""
+
+    def __post_init__(self) -> None:
+        assert self.responses is not None
+        self.responses["200"] = OpenAPIResponse(description="A bundle (tar) of the model", content=_TAR)
+
+
+@dataclass
+class ImportOperation(Operation):
+    """An import's body is a tar bundle, read as it streams."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(required=True, content=_TAR)
+
+
 class ModelController(Controller):
     path = "/api/v1/models"
 
@@ -173,6 +196,15 @@ class ModelController(Controller):
     @delete("/{model_id:str}", opt={"scope": "write"}, status_code=204, responses=_errors())
     async def delete_model(self, model_id: FromPath[str], registry: NamedDependency[Registry]) -> None:
         await registry.delete_model(model_id)
+
+    @get("/{model_id:str}/export", opt={"scope": "read"}, operation_class=ExportOperation, responses=_errors())
+    async def export(self, model_id: FromPath[str], registry: NamedDependency[Registry],
+                     formats: Annotated[str | None, QueryParameter(max_length=200, pattern=r"^[a-z, ]*$")] = None,
+                     ) -> Stream:
+        plan = await registry.plan_export([model_id], formats)
+        return Stream(plan.chunks(registry.open_blob), media_type="application/x-tar",
+                      headers={"content-length": str(plan.length()),
+                               "content-disposition": f'attachment; filename="{plan.model_ids[0]}.tar"'})
 
     @get("/{model_id:str}/versions/{version:str}", opt={"scope": "read"}, responses=_errors())
     async def get_version(self, model_id: FromPath[str], version: FromPath[str],
@@ -234,6 +266,13 @@ async def signed_download(model_id: FromPath[str], version: FromPath[str], reque
     """A download-url link: no key, the signature is the permission."""
     registry.check_signature(model_id, version, format, expires, signature)
     return await _serve(registry, request, model_id, version, format)
+
+
+@post("/api/v1/import", opt={"scope": "admin"}, status_code=200, request_max_body_size=None,
+      operation_class=ImportOperation, responses=_errors(409, 507))
+async def import_bundle(request: Request[Any, Any, Any], registry: NamedDependency[Registry]) -> ImportSummary:
+    """Import a bundle streamed as the body (curl -T models.tar): verified in full, then added in one go."""
+    return ImportSummary(**await registry.import_bundle(BodyReader(_chunks(request), asyncio.get_running_loop())))
 
 
 @get("/health", opt={"public": True}, sync_to_thread=False, operation_class=PublicOperation)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -290,6 +291,107 @@ class Database:
         """After a restart, jobs left running by a dead process go back to pending."""
         async with self.transaction() as conn:
             return (await conn.execute("UPDATE artifacts SET status = 'pending' WHERE status = 'running'")).rowcount
+
+    # bundles (export, import)
+
+    async def export_rows(self, model_ids: list[str] | None, formats: list[str]) -> tuple[list[Row], list[Row],
+                                                                                         list[Row]]:
+        """(models, versions, ready artifacts in `formats`) of the given models, or of every model when None."""
+        if model_ids is None:
+            models = await self._all("SELECT * FROM models ORDER BY seq")
+        else:
+            models = await self._all("SELECT * FROM models WHERE id IN (SELECT value FROM json_each(?)) ORDER BY seq",
+                                     (json.dumps(model_ids),))
+        seqs = json.dumps([m["seq"] for m in models])
+        versions = await self._all("SELECT * FROM versions WHERE model_seq IN (SELECT value FROM json_each(?)) "
+                                   "ORDER BY model_seq, number", (seqs,))
+        artifacts = await self._all(
+            "SELECT a.* FROM artifacts a JOIN versions v ON v.seq = a.version_seq "
+            "WHERE v.model_seq IN (SELECT value FROM json_each(?)) AND a.status = 'ready' "
+            "AND a.format IN (SELECT value FROM json_each(?)) ORDER BY a.seq", (seqs, json.dumps(formats)))
+        return models, versions, artifacts
+
+    async def import_models(self, models: list[Row], publish: Publish | None) -> tuple[list[str], dict[str, int]]:
+        """Add the models, versions and artifacts of a bundle that are not here yet, in one transaction.
+
+        A version already here with the same bytes and label is skipped (importing twice changes nothing); a
+        version number or label here with other bytes, or a model name taken by another id, is a clash. With any
+        clash nothing is written: returns (clashes, {}); otherwise publishes the blobs and returns ([], counts).
+        With `publish` None it only looks for clashes.
+        """
+        async with self.transaction() as conn:
+            ids = json.dumps([m["id"] for m in models])
+            cur = await conn.execute("SELECT seq, id, next_version FROM models WHERE id IN "
+                                     "(SELECT value FROM json_each(?))", (ids,))
+            existing = {r["id"]: r for r in await cur.fetchall()}  # type: ignore[index]
+            cur = await conn.execute("SELECT id, name FROM models WHERE name IN (SELECT value FROM json_each(?))",
+                                     (json.dumps([m["name"] for m in models if m["name"] is not None]),))
+            named = {r["name"]: r["id"] for r in await cur.fetchall()}  # type: ignore[index]
+            cur = await conn.execute(
+                "SELECT model_seq, seq, number, label, digest FROM versions WHERE model_seq IN "
+                "(SELECT value FROM json_each(?))", (json.dumps([r["seq"] for r in existing.values()]),))
+            here: dict[int, list[Row]] = {}
+            for r in await cur.fetchall():
+                here.setdefault(r["model_seq"], []).append(r)  # type: ignore[index,call-overload]
+            clashes: list[str] = []
+            new_models: list[Row] = []
+            new_versions: list[tuple[str, Row]] = []
+            artifacts: list[tuple[str, int, Row]] = []
+            next_numbers: dict[str, int] = {}
+            present = 0
+            for m in models:
+                old = existing.get(m["id"])
+                if old is None and m["name"] is not None and named.get(m["name"], m["id"]) != m["id"]:
+                    clashes.append(f"model {m['id']}: the name '{m['name']}' is taken here by model "
+                                   f"{named[m['name']]}")
+                    continue
+                by_number = {v["number"]: v for v in here.get(old["seq"], [])} if old else {}
+                by_label = {v["label"]: v for v in by_number.values() if v["label"] is not None}
+                for v in m["versions"]:
+                    mine = by_number.get(v["number"])
+                    if mine is not None and (mine["digest"], mine["label"]) == (v["digest"], v["label"]):
+                        present += 1
+                    elif mine is not None:
+                        clashes.append(f"model {m['id']} version {v['number']}: here it has other bytes or another "
+                                       f"label ({mine['label'] or 'no label'})")
+                        continue
+                    elif v["label"] is not None and v["label"] in by_label:
+                        clashes.append(f"model {m['id']} version {v['number']}: its label '{v['label']}' is "
+                                       f"version {by_label[v['label']]['number']} here")
+                        continue
+                    else:
+                        new_versions.append((m["id"], v))
+                    artifacts.extend((m["id"], v["number"], a) for a in v["artifacts"])
+                top = max((v["number"] for v in m["versions"]), default=0) + 1
+                next_numbers[m["id"]] = max(top, old["next_version"]) if old else top
+                if old is None:
+                    new_models.append(m)
+            if clashes or publish is None:
+                return clashes, {}
+            await publish()
+            await conn.executemany(
+                "INSERT INTO models (id, name, use_case, framework, framework_version, description, is_baseline, "
+                "round_id, accuracy, loss, created_at, next_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(m["id"], m["name"], m["use_case"], m["framework"], m["framework_version"], m["description"],
+                  m["is_baseline"], m["round_id"], m["accuracy"], m["loss"], m["created_at"], next_numbers[m["id"]])
+                 for m in new_models])
+            await conn.executemany("UPDATE models SET next_version = max(next_version, ?) WHERE id = ?",
+                                   [(n, model_id) for model_id, n in next_numbers.items()])
+            await conn.executemany(
+                "INSERT INTO versions (model_seq, number, label, format, kind, digest, size, description, round_id, "
+                "accuracy, loss, input_shape, uploaded_at) SELECT seq, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
+                "FROM models WHERE id = ?",
+                [(v["number"], v["label"], v["format"], v["kind"], v["digest"], v["size"], v["description"],
+                  v["round_id"], v["accuracy"], v["loss"], v["input_shape"], v["uploaded_at"], model_id)
+                 for model_id, v in new_versions])
+            cur = await conn.executemany(
+                "INSERT OR IGNORE INTO artifacts (version_seq, format, status, digest, size, parity, signature, "
+                "converter, updated_at) SELECT v.seq, ?, 'ready', ?, ?, ?, ?, ?, ? FROM versions v "
+                "JOIN models m ON m.seq = v.model_seq WHERE m.id = ? AND v.number = ?",
+                [(a["format"], a["digest"], a["size"], a["parity"], a["signature"], a["converter"], a["updated_at"],
+                  model_id, number) for model_id, number, a in artifacts])
+            return [], {"models": len(new_models), "versions": len(new_versions), "versions_present": present,
+                        "artifacts": max(cur.rowcount, 0)}
 
     # storage accounting (gc, verify)
 

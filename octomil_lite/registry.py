@@ -15,11 +15,11 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import msgspec
 
-from . import auth, formats
+from . import auth, bundles, formats
 from .blobstore import BlobStore, StagedBlob
 from .config import Config
 from .conversions import TARGETS, ConversionPool
@@ -368,6 +368,41 @@ class Registry:
         except OSError as exc:
             raise OctomilError(f"The stored bytes of {artifact.filename} are missing or unreadable ({exc.strerror}); "
                                "run 'octomil-lite verify'.") from None
+
+    # bundles: moving models between registries
+
+    async def plan_export(self, refs: list[str] | None, formats: str | None = None) -> bundles.ExportPlan:
+        """What a bundle of these models (ids or names; None: all) holds: every version's original bytes, and its
+        ready artifacts in `formats` (comma-separated, e.g. original,onnx; None: all of them)."""
+        wanted = bundles.artifact_formats(formats)
+        ids = None if refs is None else list(dict.fromkeys([(await self._model_row(ref))["id"] for ref in refs]))
+        return bundles.plan_export(*await self.db.export_rows(ids, wanted))
+
+    def open_blob(self, digest: str) -> int:
+        return self.blobs.open(digest)
+
+    async def import_bundle(self, source: BinaryIO) -> dict[str, int]:
+        """Import a bundle read front to back from `source` (a blocking stream, read in threads).
+
+        Every member is staged and hash-checked before anything becomes visible; one transaction adds what is
+        missing. A clash raises Conflict listing all of them, and nothing is imported.
+        """
+        reader = await asyncio.to_thread(bundles.BundleReader, source)
+        manifest = await asyncio.to_thread(reader.read_manifest)
+        models = bundles.manifest_rows(manifest)
+
+        clashes, _ = await self.db.import_models(models, None)  # early: before any bytes are received
+        if not clashes:
+            staged = await asyncio.to_thread(reader.receive_files, manifest, self.blobs)
+            try:
+                clashes, counts = await self.db.import_models(models, lambda: self.blobs.commit_all(staged))
+            finally:
+                for blob in staged:
+                    await blob.discard()
+        if clashes:
+            raise Conflict(f"The bundle clashes with this registry ({len(clashes)} clash(es)); nothing was "
+                           f"imported: {'; '.join(clashes[:5])}.", details=clashes[:1000])
+        return {**counts, "files": len(staged), "bytes": sum(b.size for b in staged)}
 
     # maintenance
 

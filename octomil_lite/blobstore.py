@@ -35,6 +35,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _syncfs(path: Path) -> None:
+    """Flush every dirty page of the file system holding `path` (Linux syncfs), raising OSError on failure."""
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    finally:
+        os.close(fd)
+
+
 class StagedBlob:
     """Bytes on their way into the store: hashed and written to tmp/ in the same pass."""
 
@@ -169,9 +183,11 @@ class BlobStore:
         return final.parent
 
     async def commit_all(self, staged: list[StagedBlob]) -> None:
-        """Commit many finished blobs at once, fsyncing each shard directory once."""
+        """Commit many received blobs at once: one syncfs makes all their bytes durable, then each shard directory
+        is fsynced once (one fsync per file costs ~0.5 ms, 5 s for 10,000 tiny files)."""
 
         def move_all() -> None:
+            _syncfs(self.tmp)
             shards = {shard for blob in staged if (shard := self._place(blob)) is not None}
             for shard in shards:
                 _fsync_dir(shard)
@@ -184,7 +200,8 @@ class BlobStore:
     def receive(self, source: BinaryIO, size: int) -> StagedBlob:
         """Copy exactly `size` bytes of a stream into tmp/, hashing them on the way (blocking: run it in a thread).
 
-        EOFError if the stream ends early; the temp file is gone after any failure.
+        EOFError if the stream ends early; the temp file is gone after any failure. Not yet durable: commit_all
+        syncs them all at once.
         """
         path = self.tmp / f"receive-{os.getpid()}-{time.monotonic_ns()}-{os.urandom(4).hex()}"
         try:
@@ -203,7 +220,6 @@ class BlobStore:
                 while view:
                     view = view[os.write(fd, view):]
                 left -= len(data)
-            os.fsync(fd)
         except BaseException as exc:
             path.unlink(missing_ok=True)
             if isinstance(exc, OSError):

@@ -29,3 +29,7 @@ class Config:
     conversion_workers: int = 1
     conversion_timeout: float = 900.0
     conversion_memory_bytes: int = 8 * GiB
+
+    def __post_init__(self) -> None:
+        # conversion children run in their own working directory: a relative data directory would not be found
+        object.__setattr__(self, "data_dir", self.data_dir.absolute())

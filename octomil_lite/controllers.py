@@ -142,6 +142,7 @@ class SignedDownloadOperation(DownloadOperation):
         self.security = []
 
 
+_FORMAT_LIST = r"^(original|onnx|tflite|coreml)(,(original|onnx|tflite|coreml))*$"
 _TAR = {"application/x-tar": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY))}
 
 
@@ -156,10 +157,11 @@ class ExportOperation(Operation):
 
 @dataclass
 class ImportOperation(Operation):
-    """An import's body is a tar bundle, read as it streams."""
+    """An import's body is a tar bundle, read as it streams (any content type; documented as bytes)."""
 
     def __post_init__(self) -> None:
-        self.request_body = RequestBody(required=True, content=_TAR)
+        self.request_body = RequestBody(required=True, content={"application/octet-stream": OpenAPIMediaType(
+            schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY))})
 
 
 class ModelController(Controller):
@@ -199,7 +201,7 @@ class ModelController(Controller):
 
     @get("/{model_id:str}/export", opt={"scope": "read"}, operation_class=ExportOperation, responses=_errors())
     async def export(self, model_id: FromPath[str], registry: NamedDependency[Registry],
-                     formats: Annotated[str | None, QueryParameter(max_length=200, pattern=r"^[a-z, ]*$")] = None,
+                     formats: Annotated[str | None, QueryParameter(max_length=200, pattern=_FORMAT_LIST)] = None,
                      ) -> Stream:
         plan = await registry.plan_export([model_id], formats)
         return Stream(plan.chunks(registry.open_blob), media_type="application/x-tar",

@@ -25,10 +25,9 @@ from typing import Annotated, Any, BinaryIO, Literal
 import msgspec
 
 from . import __version__, formats
-from .blobstore import BlobStore, StagedBlob
-from .db import Row
 from .errors import BadRequest
 from .schemas import UPLOAD_FORMATS
+from .storage import BlobStore, Row, StagedBlob
 
 FORMAT = "octomil-lite-bundle"
 FORMAT_VERSION = 1

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from . import __version__
+from . import __version__, maintenance, transfer
 from .cli_client import CLIENT_COMMANDS
 from .config import Config, default_data_dir
 from .errors import OctomilError
@@ -75,8 +75,8 @@ def main() -> None:
 def serve(host: str, port: int, data_dir: Path | None, max_upload_size: str, rate_limit: int,
           log_level: str, access_log: bool) -> None:
     """Run the registry server."""
-    from .app import create_app
-    from .httpserver import run
+    from .server.app import create_app
+    from .server.httpserver import run
 
     config = Config(data_dir=data_dir or default_data_dir(), host=host, port=port,
                     max_upload_size=_size(max_upload_size), rate_limit=rate_limit)
@@ -143,7 +143,7 @@ def _bytes(n: int) -> str:
 def gc(grace: float, dry_run: bool, data_dir: Path | None) -> None:
     """Delete blobs that no version references, and leftover temp files."""
     config = Config(data_dir=data_dir or default_data_dir())
-    done = _with_registry(config, lambda r: r.gc(grace, dry_run))
+    done = _with_registry(config, lambda r: maintenance.gc(r.db, r.blobs, grace, dry_run))
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {done['blobs']} unreferenced blob(s), {_bytes(done['blob_bytes'])}; "
                f"{done['temp_files']} temp file(s), {_bytes(done['temp_bytes'])}")
@@ -154,7 +154,7 @@ def gc(grace: float, dry_run: bool, data_dir: Path | None) -> None:
 def verify(data_dir: Path | None) -> None:
     """Re-hash every blob and check every row against the store; exit 1 on any problem."""
     config = Config(data_dir=data_dir or default_data_dir())
-    problems, counts = _with_registry(config, lambda r: r.verify())
+    problems, counts = _with_registry(config, lambda r: maintenance.verify(r.db, r.blobs))
     for problem in problems:
         click.echo(f"PROBLEM: {problem}")
     click.echo(f"checked {counts['blobs']} blob(s) ({_bytes(counts['bytes'])}) and {counts['rows']} row(s); "
@@ -182,7 +182,7 @@ def export_bundle(models: tuple[str, ...], everything: bool, output: Path, forma
 
     async def write(registry: Registry) -> tuple[int, int]:
         plan = await registry.plan_export(None if everything else list(models), formats)
-        await asyncio.to_thread(_write_bundle, plan.chunks(registry.open_blob), output)
+        await asyncio.to_thread(_write_bundle, plan.chunks(registry.blobs.open), output)
         return len(plan.files), plan.length()
 
     files, size = _with_registry(config, write)
@@ -219,9 +219,9 @@ def import_bundle(bundle: Path, data_dir: Path | None) -> None:
 
     async def read(registry: Registry) -> dict[str, int]:
         if str(bundle) == "-":
-            return await registry.import_bundle(click.get_binary_stream("stdin"))
+            return await transfer.import_bundle(registry.db, registry.blobs, click.get_binary_stream("stdin"))
         with open(bundle, "rb") as source:
-            return await registry.import_bundle(source)
+            return await transfer.import_bundle(registry.db, registry.blobs, source)
 
     try:
         done = _with_registry(config, read)

@@ -54,8 +54,3 @@ class PayloadTooLarge(OctomilError):
 class RateLimited(OctomilError):
     status = 429
     code = "rate_limited"
-
-
-class StorageFull(OctomilError):
-    status = 507
-    code = "insufficient_storage"

@@ -9,23 +9,20 @@ import json
 import os
 import re
 import secrets
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import msgspec
 
-from . import auth, bundles, formats
-from .blobstore import BlobStore, StagedBlob
+from . import auth, bundles, formats, storage
 from .config import Config
-from .conversions import TARGETS, ConversionPool
-from .db import Database, Row
+from .convert.pool import TARGETS, ConversionPool
+from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
-from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .schemas import (
     DOWNLOAD_FORMATS,
     CreateModel,
@@ -39,7 +36,7 @@ from .schemas import (
     VersionDetail,
     VersionSummary,
 )
-from .uploads import UploadedFile
+from .storage import BlobStore, MetadataStore, Row, StagedBlob
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PENDING_RETRY_AFTER = 2
@@ -60,6 +57,14 @@ class Artifact:
     @property
     def hash(self) -> str:
         return f"sha256:{self.digest}"
+
+
+@dataclass
+class UploadedFile:
+    """One file part of an upload: its staged bytes and the file name the client gave."""
+
+    staged: StagedBlob
+    filename: str
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,7 @@ def _format_status(a: Row) -> FormatStatus:
 class Registry:
     """Models, versions, blobs, conversions and keys of one data directory."""
 
-    def __init__(self, config: Config, db: Database, blobs: BlobStore, secret: bytes):
+    def __init__(self, config: Config, db: MetadataStore, blobs: BlobStore, secret: bytes):
         self.config = config
         self.db = db
         self.blobs = blobs
@@ -125,8 +130,7 @@ class Registry:
     @classmethod
     async def open(cls, config: Config) -> Registry:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        blobs = BlobStore(config.data_dir)
-        db = await Database.open(config.data_dir / "registry.sqlite3")
+        db, blobs = await storage.open_stores(config.data_dir)
         return cls(config, db, blobs, _secret(config.data_dir / "secret.key"))
 
     async def start(self) -> None:
@@ -175,7 +179,7 @@ class Registry:
         row.update(id=str(uuid.uuid4()), is_baseline=int(bool(req.is_baseline)), created_at=utc_now())
         try:
             await self.db.insert_model(row)
-        except sqlite3.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"A model named '{req.name}' was created at the same moment; retry.") from None
         return self._model({**row, "digest": None, "size": None}), True
 
@@ -186,7 +190,7 @@ class Registry:
             fields["is_baseline"] = int(fields["is_baseline"])
         try:
             await self.db.update_model(row["seq"], fields)
-        except sqlite3.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"A model named '{fields.get('name')}' already exists; names are unique.") from None
         return self._model({**row, **fields})
 
@@ -250,7 +254,7 @@ class Registry:
 
         try:
             number = await self.db.insert_version(row["seq"], version, figures, artifacts, publish)
-        except sqlite3.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"Model '{row['id']}' already has a version labelled '{form.label}'.") from None
         finally:
             await staged.discard()
@@ -378,75 +382,6 @@ class Registry:
         ids = None if refs is None else list(dict.fromkeys([(await self._model_row(ref))["id"] for ref in refs]))
         return bundles.plan_export(*await self.db.export_rows(ids, wanted))
 
-    def open_blob(self, digest: str) -> int:
-        return self.blobs.open(digest)
-
-    async def import_bundle(self, source: BinaryIO) -> dict[str, int]:
-        """Import a bundle read front to back from `source` (a blocking stream, read in threads).
-
-        Every member is staged and hash-checked before anything becomes visible; one transaction adds what is
-        missing. A clash raises Conflict listing all of them, and nothing is imported.
-        """
-        reader = await asyncio.to_thread(bundles.BundleReader, source)
-        manifest = await asyncio.to_thread(reader.read_manifest)
-        models = bundles.manifest_rows(manifest)
-
-        clashes, _ = await self.db.import_models(models, None)  # early: before any bytes are received
-        if not clashes:
-            staged = await asyncio.to_thread(reader.receive_files, manifest, self.blobs)
-            try:
-                clashes, counts = await self.db.import_models(models, lambda: self.blobs.commit_all(staged))
-            finally:
-                for blob in staged:
-                    await blob.discard()
-        if clashes:
-            raise Conflict(f"The bundle clashes with this registry ({len(clashes)} clash(es)); nothing was "
-                           f"imported: {'; '.join(clashes[:5])}.", details=clashes[:1000])
-        return {**counts, "files": len(staged), "bytes": sum(b.size for b in staged)}
-
-    # maintenance
-
-    async def gc(self, grace: float, dry_run: bool) -> dict[str, int]:
-        """Delete blobs no row references and temp files, both untouched for `grace` seconds."""
-        referenced = await self.db.referenced_digests()
-        cutoff = time.time() - grace
-        candidates = set()
-        for digest in self.blobs.digests():
-            if digest not in referenced and self.blobs.path(digest).lstat().st_mtime < cutoff:
-                candidates.add(digest)
-        if dry_run:
-            sizes = sum(self.blobs.path(d).lstat().st_size for d in candidates)
-            temps = self.blobs.sweep_tmp(older_than=grace, dry_run=True)
-            return {"blobs": len(candidates), "blob_bytes": sizes, "temp_files": temps[0], "temp_bytes": temps[1]}
-        count, freed = await self.db.delete_unreferenced(candidates, self.blobs.delete)
-        temps = self.blobs.sweep_tmp(older_than=grace)
-        return {"blobs": count, "blob_bytes": freed, "temp_files": temps[0], "temp_bytes": temps[1]}
-
-    async def verify(self) -> tuple[list[str], dict[str, int]]:
-        """Re-hash every blob and check every row against the store; return (problems, counts)."""
-        problems: list[str] = []
-        stored = set(self.blobs.digests())
-        checked = checked_bytes = 0
-        for digest in sorted(stored):
-            actual, size = await asyncio.to_thread(self.blobs.rehash, digest)
-            checked, checked_bytes = checked + 1, checked_bytes + size
-            if actual != digest:
-                problems.append(f"blob {digest} is corrupt: its bytes hash to {actual}")
-        rows = await self.db.stored_references()
-        for row in rows:
-            where = f"model {row['model_id']} version {row['number']} ({row['format']})"
-            if row["digest"] not in stored:
-                problems.append(f"{where} points at missing blob {row['digest']}")
-            elif self.blobs.path(row["digest"]).lstat().st_size != row["size"]:
-                problems.append(f"{where} records {row['size']} bytes but blob {row['digest']} has a different size")
-        integrity = await self.db.integrity_check()
-        if integrity != "ok":
-            problems.append(f"SQLite integrity check: {integrity}")
-        referenced = {r["digest"] for r in rows}
-        temps = self.blobs.sweep_tmp(older_than=0, dry_run=True)
-        return problems, {"blobs": checked, "bytes": checked_bytes, "rows": len(rows),
-                          "orphan_blobs": len(stored - referenced), "temp_files": temps[0]}
-
     # api keys
 
     async def create_key(self, name: str, scope: str) -> str:
@@ -458,7 +393,7 @@ class Registry:
         try:
             await self.db.insert_key({"name": name, "key_hash": auth.hash_key(key), "prefix": key[:8],
                                       "scope": scope, "created_at": utc_now()})
-        except sqlite3.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"An active key named '{name}' already exists; revoke it or pick another name.") from None
         return key
 

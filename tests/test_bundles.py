@@ -21,6 +21,7 @@ import httpx
 import pytest
 from conftest import Server, bearer, make_key
 
+from octomil_lite import transfer
 from octomil_lite.bundles import BLOB_PREFIX, MANIFEST
 from octomil_lite.config import Config
 from octomil_lite.errors import BadRequest, Conflict
@@ -195,7 +196,7 @@ async def _import(home: Path, bundle: Path) -> dict[str, int]:
     registry = await Registry.open(Config(data_dir=home, conversion_workers=0))
     try:
         with open(bundle, "rb") as f:
-            return await registry.import_bundle(f)
+            return await transfer.import_bundle(registry.db, registry.blobs, f)
     finally:
         await registry.close()
 
@@ -329,7 +330,7 @@ async def test_ten_thousand_tiny_entries_round_trip(tmp_path: Path) -> None:
     registry = await Registry.open(Config(data_dir=home, conversion_workers=0))
     try:
         plan = await registry.plan_export(None)
-        exported = b"".join(plan.chunks(registry.open_blob))
+        exported = b"".join(plan.chunks(registry.blobs.open))
     finally:
         await registry.close()
     assert len(exported) == plan.length()

@@ -1,12 +1,7 @@
-"""Child-process entry point: `python -I -m octomil_lite.worker TASK` reads a JSON payload on stdin.
-
-Only ever started by `sandbox.run_task`; it prints one JSON object as its last stdout line.
-"""
+"""ONNX checks run in the sandboxed child: validate an upload, fold external weights, read the signature."""
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Any
 
 
@@ -102,23 +97,3 @@ def onnx_signature(model: Any) -> dict[str, Any]:
         return out
 
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
-
-
-def main() -> None:
-    task = sys.argv[1]
-    payload = json.loads(sys.stdin.read())
-    if task == "check-onnx":
-        result = check_onnx(payload)
-    elif task == "fold-onnx":
-        result = fold_onnx(payload)
-    elif task == "convert":
-        from octomil_lite.convert import run_job
-
-        result = run_job(payload)
-    else:
-        raise SystemExit(f"unknown task {task}")
-    sys.stdout.write("\n" + json.dumps(result) + "\n")
-
-
-if __name__ == "__main__":
-    main()

@@ -63,11 +63,11 @@ def worker_command(task: str) -> list[str]:
     (octomil_lite/__main__.py), never a copy of code extracted elsewhere; otherwise this interpreter, isolated."""
     if getattr(sys, "frozen", False):
         return [sys.executable, "__worker__", task]
-    return [sys.executable, "-I", "-m", "octomil_lite.worker", task]
+    return [sys.executable, "-I", "-m", "octomil_lite.convert.worker", task]
 
 
 async def run_task(task: str, payload: dict[str, Any], limits: Limits, workdir_parent: Path) -> dict[str, Any]:
-    """Run `octomil_lite.worker` TASK in a child; return the JSON object it prints."""
+    """Run `octomil_lite.convert.worker` TASK in a child; return the JSON object it prints."""
     workdir = Path(tempfile.mkdtemp(prefix="sandbox-", dir=workdir_parent))
     try:
         proc = await asyncio.create_subprocess_exec(

@@ -23,11 +23,10 @@ from litestar.openapi.spec import (
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
 
-from . import __version__
-from .errors import BadRequest
-from .registry import Registry
-from .responses import BlobResponse, blob_response
-from .schemas import (
+from .. import __version__, transfer
+from ..errors import BadRequest
+from ..registry import Registry
+from ..schemas import (
     UPLOAD_FORMATS,
     CreateModel,
     DownloadFormat,
@@ -43,6 +42,7 @@ from .schemas import (
     UploadedVersion,
     VersionDetail,
 )
+from .responses import BlobResponse, blob_response
 from .uploads import FORM_OVERHEAD, BodyReader, boundary_of, receive_upload, too_large, upload_form
 
 T = TypeVar("T")
@@ -204,7 +204,7 @@ class ModelController(Controller):
                      formats: Annotated[str | None, QueryParameter(max_length=200, pattern=_FORMAT_LIST)] = None,
                      ) -> Stream:
         plan = await registry.plan_export([model_id], formats)
-        return Stream(plan.chunks(registry.open_blob), media_type="application/x-tar",
+        return Stream(plan.chunks(registry.blobs.open), media_type="application/x-tar",
                       headers={"content-length": str(plan.length()),
                                "content-disposition": f'attachment; filename="{plan.model_ids[0]}.tar"'})
 
@@ -274,7 +274,8 @@ async def signed_download(model_id: FromPath[str], version: FromPath[str], reque
       operation_class=ImportOperation, responses=_errors(409, 507))
 async def import_bundle(request: Request[Any, Any, Any], registry: NamedDependency[Registry]) -> ImportSummary:
     """Import a bundle streamed as the body (curl -T models.tar): verified in full, then added in one go."""
-    return ImportSummary(**await registry.import_bundle(BodyReader(_chunks(request), asyncio.get_running_loop())))
+    body = BodyReader(_chunks(request), asyncio.get_running_loop())
+    return ImportSummary(**await transfer.import_bundle(registry.db, registry.blobs, body))
 
 
 @get("/health", opt={"public": True}, sync_to_thread=False, operation_class=PublicOperation)

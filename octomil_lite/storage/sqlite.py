@@ -1,16 +1,19 @@
-"""SQLite metadata: one writer connection, one reader, WAL; every query of the registry lives here."""
+"""SQLite metadata store: one writer connection, one reader, WAL; every SQL query of the registry lives here."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from ..errors import DISK_FULL
+from . import Conflict, Publish, Resolve, Row, StorageFull
 
 MIGRATIONS: list[str] = [
     """
@@ -91,8 +94,18 @@ _LATEST_JOIN = """
 
 _REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
 
-Row = dict[str, Any]
-Publish = Callable[[], Awaitable[None]]
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """sqlite3's exceptions leave this module as the storage errors the registry knows."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise Conflict("The change clashes with a stored name, label or key; nothing was written.") from exc
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+            raise StorageFull(DISK_FULL) from exc
+        raise
 
 
 def _dict_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
@@ -135,8 +148,8 @@ def _assignments(fields: Row) -> str:
     return ", ".join(f"{name} = ?" for name in fields)
 
 
-class Database:
-    """The registry's metadata store; writes are serialised through one connection."""
+class SQLiteStore:
+    """The registry's MetadataStore on SQLite; writes are serialised through one connection."""
 
     def __init__(self, reader: aiosqlite.Connection, writer: aiosqlite.Connection):
         self._reader = reader
@@ -144,7 +157,7 @@ class Database:
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path) -> Database:
+    async def open(cls, path: Path) -> SQLiteStore:
         await asyncio.to_thread(migrate, path)
         writer = await _connect(path)
         await writer.execute("PRAGMA synchronous = FULL")
@@ -159,20 +172,23 @@ class Database:
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """BEGIN IMMEDIATE on the writer: also excludes a concurrent `gc` in another process."""
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._writer
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
-                raise
-            await self._writer.execute("COMMIT")
+            with _translated():
+                await self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._writer
+                except BaseException:
+                    await self._writer.execute("ROLLBACK")
+                    raise
+                await self._writer.execute("COMMIT")
 
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
-        rows = await self._reader.execute_fetchall(sql, tuple(params))
+        with _translated():
+            rows = await self._reader.execute_fetchall(sql, tuple(params))
         return rows[0] if rows else None  # type: ignore[index]
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
-        return list(await self._reader.execute_fetchall(sql, tuple(params)))  # type: ignore[arg-type]
+        with _translated():
+            return list(await self._reader.execute_fetchall(sql, tuple(params)))  # type: ignore[arg-type]
 
     # models
 
@@ -297,11 +313,9 @@ class Database:
     async def export_rows(self, model_ids: list[str] | None, formats: list[str]) -> tuple[list[Row], list[Row],
                                                                                          list[Row]]:
         """(models, versions, ready artifacts in `formats`) of the given models, or of every model when None."""
-        if model_ids is None:
-            models = await self._all("SELECT * FROM models ORDER BY seq")
-        else:
-            models = await self._all("SELECT * FROM models WHERE id IN (SELECT value FROM json_each(?)) ORDER BY seq",
-                                     (json.dumps(model_ids),))
+        where, params = ("", ()) if model_ids is None else ("WHERE id IN (SELECT value FROM json_each(?))",
+                                                             (json.dumps(model_ids),))
+        models = await self._all(f"SELECT * FROM models {where} ORDER BY seq", params)
         seqs = json.dumps([m["seq"] for m in models])
         versions = await self._all("SELECT * FROM versions WHERE model_seq IN (SELECT value FROM json_each(?)) "
                                    "ORDER BY model_seq, number", (seqs,))
@@ -311,14 +325,9 @@ class Database:
             "AND a.format IN (SELECT value FROM json_each(?)) ORDER BY a.seq", (seqs, json.dumps(formats)))
         return models, versions, artifacts
 
-    async def import_models(self, models: list[Row], publish: Publish | None) -> tuple[list[str], dict[str, int]]:
-        """Add the models, versions and artifacts of a bundle that are not here yet, in one transaction.
-
-        A version already here with the same bytes and label is skipped (importing twice changes nothing); a
-        version number or label here with other bytes, or a model name taken by another id, is a clash. With any
-        clash nothing is written: returns (clashes, {}); otherwise publishes the blobs and returns ([], counts).
-        With `publish` None it only looks for clashes.
-        """
+    async def import_models(self, models: list[Row], resolve: Resolve,
+                            publish: Publish | None) -> tuple[list[str], dict[str, int]]:
+        """One transaction: read what is here, let `resolve` decide, then (no clash, not a check) publish and write."""
         async with self.transaction() as conn:
             ids = json.dumps([m["id"] for m in models])
             cur = await conn.execute("SELECT seq, id, next_version FROM models WHERE id IN "
@@ -326,72 +335,39 @@ class Database:
             existing = {r["id"]: r for r in await cur.fetchall()}  # type: ignore[index]
             cur = await conn.execute("SELECT id, name FROM models WHERE name IN (SELECT value FROM json_each(?))",
                                      (json.dumps([m["name"] for m in models if m["name"] is not None]),))
-            named = {r["name"]: r["id"] for r in await cur.fetchall()}  # type: ignore[index]
+            names = {r["name"]: r["id"] for r in await cur.fetchall()}  # type: ignore[index]
             cur = await conn.execute(
-                "SELECT model_seq, seq, number, label, digest FROM versions WHERE model_seq IN "
-                "(SELECT value FROM json_each(?))", (json.dumps([r["seq"] for r in existing.values()]),))
-            here: dict[int, list[Row]] = {}
+                "SELECT m.id AS model_id, v.number, v.label, v.digest FROM versions v JOIN models m "
+                "ON m.seq = v.model_seq WHERE m.id IN (SELECT value FROM json_each(?))", (ids,))
+            versions: dict[str, list[Row]] = {}
             for r in await cur.fetchall():
-                here.setdefault(r["model_seq"], []).append(r)  # type: ignore[index,call-overload]
-            clashes: list[str] = []
-            new_models: list[Row] = []
-            new_versions: list[tuple[str, Row]] = []
-            artifacts: list[tuple[str, int, Row]] = []
-            next_numbers: dict[str, int] = {}
-            present = 0
-            for m in models:
-                old = existing.get(m["id"])
-                if old is None and m["name"] is not None and named.get(m["name"], m["id"]) != m["id"]:
-                    clashes.append(f"model {m['id']}: the name '{m['name']}' is taken here by model "
-                                   f"{named[m['name']]}")
-                    continue
-                by_number = {v["number"]: v for v in here.get(old["seq"], [])} if old else {}
-                by_label = {v["label"]: v for v in by_number.values() if v["label"] is not None}
-                for v in m["versions"]:
-                    mine = by_number.get(v["number"])
-                    if mine is not None and (mine["digest"], mine["label"]) == (v["digest"], v["label"]):
-                        present += 1
-                    elif mine is not None:
-                        clashes.append(f"model {m['id']} version {v['number']}: here it has other bytes or another "
-                                       f"label ({mine['label'] or 'no label'})")
-                        continue
-                    elif v["label"] is not None and v["label"] in by_label:
-                        clashes.append(f"model {m['id']} version {v['number']}: its label '{v['label']}' is "
-                                       f"version {by_label[v['label']]['number']} here")
-                        continue
-                    else:
-                        new_versions.append((m["id"], v))
-                    artifacts.extend((m["id"], v["number"], a) for a in v["artifacts"])
-                top = max((v["number"] for v in m["versions"]), default=0) + 1
-                next_numbers[m["id"]] = max(top, old["next_version"]) if old else top
-                if old is None:
-                    new_models.append(m)
+                versions.setdefault(r["model_id"], []).append(r)  # type: ignore[index,call-overload]
+            clashes, plan = resolve({"models": existing, "names": names, "versions": versions})
             if clashes or publish is None:
                 return clashes, {}
             await publish()
             await conn.executemany(
                 "INSERT INTO models (id, name, use_case, framework, framework_version, description, is_baseline, "
-                "round_id, accuracy, loss, created_at, next_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "round_id, accuracy, loss, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(m["id"], m["name"], m["use_case"], m["framework"], m["framework_version"], m["description"],
-                  m["is_baseline"], m["round_id"], m["accuracy"], m["loss"], m["created_at"], next_numbers[m["id"]])
-                 for m in new_models])
+                  m["is_baseline"], m["round_id"], m["accuracy"], m["loss"], m["created_at"]) for m in plan["models"]])
             await conn.executemany("UPDATE models SET next_version = max(next_version, ?) WHERE id = ?",
-                                   [(n, model_id) for model_id, n in next_numbers.items()])
+                                   [(n, model_id) for model_id, n in plan["next_numbers"].items()])
             await conn.executemany(
                 "INSERT INTO versions (model_seq, number, label, format, kind, digest, size, description, round_id, "
                 "accuracy, loss, input_shape, uploaded_at) SELECT seq, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
                 "FROM models WHERE id = ?",
                 [(v["number"], v["label"], v["format"], v["kind"], v["digest"], v["size"], v["description"],
                   v["round_id"], v["accuracy"], v["loss"], v["input_shape"], v["uploaded_at"], model_id)
-                 for model_id, v in new_versions])
+                 for model_id, v in plan["versions"]])
             cur = await conn.executemany(
                 "INSERT OR IGNORE INTO artifacts (version_seq, format, status, digest, size, parity, signature, "
                 "converter, updated_at) SELECT v.seq, ?, 'ready', ?, ?, ?, ?, ?, ? FROM versions v "
                 "JOIN models m ON m.seq = v.model_seq WHERE m.id = ? AND v.number = ?",
                 [(a["format"], a["digest"], a["size"], a["parity"], a["signature"], a["converter"], a["updated_at"],
-                  model_id, number) for model_id, number, a in artifacts])
-            return [], {"models": len(new_models), "versions": len(new_versions), "versions_present": present,
-                        "artifacts": max(cur.rowcount, 0)}
+                  model_id, number) for model_id, number, a in plan["artifacts"]])
+            return [], {"models": len(plan["models"]), "versions": len(plan["versions"]),
+                        "versions_present": plan["present"], "artifacts": max(cur.rowcount, 0)}
 
     # storage accounting (gc, verify)
 

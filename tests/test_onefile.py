@@ -35,7 +35,7 @@ for _ in $(seq 60); do
 done
 [ "$up" = 1 ] || { cat serve.log; exit 1; }
 MODEL=$("$F" models create --framework sklearn --description offline)
-"$F" upload "$MODEL" model.pkl --version 1.0.0
+"$F" upload "$MODEL" model.pkl --label 1.0.0
 "$F" download "$MODEL" latest --format onnx --wait 300 -o model.onnx
 "$F" export "$MODEL" -o bundle.tar --data-dir "$WORK/data"
 "$F" import bundle.tar --data-dir "$WORK/other"

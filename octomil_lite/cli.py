@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, TypeVar
 import click
 
 from . import __version__, maintenance, transfer
+from .auth import SCOPES
 from .cli_client import CLIENT_COMMANDS
+from .cli_training import TRAINING_COMMANDS
 from .config import Config, default_data_dir
 from .errors import OctomilError
 
@@ -49,6 +51,19 @@ def _size(value: str) -> int:
         raise click.BadParameter(f"'{value}' is not a size (e.g. 20G, 512M, 1048576)") from None
 
 
+def _duration(value: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = value.strip().lower()
+    factor = units.get(text[-1:], 1)
+    try:
+        seconds = int(float(text[:-1] if text[-1:] in units else text) * factor)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a duration (e.g. 7d, 12h, 3600)") from None
+    if seconds < 1:
+        raise click.BadParameter(f"'{value}' must be at least one second")
+    return seconds
+
+
 data_dir_option = click.option(
     "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Data directory [default: $OCTOMIL_LITE_HOME, else $XDG_DATA_HOME/octomil-lite "
@@ -69,17 +84,20 @@ def main() -> None:
               help="Largest model file accepted (bytes, or 512M, 20G).")
 @click.option("--rate-limit", default=6000, show_default=True, type=click.IntRange(0),
               help="Requests per minute per API key; 0 turns the limit off.")
+@click.option("--max-link-age", default="7d", show_default=True,
+              help="Longest validity of a download-url link (seconds, or 12h, 7d); longer requests are a 400.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
 def serve(host: str, port: int, data_dir: Path | None, max_upload_size: str, rate_limit: int,
-          log_level: str, access_log: bool) -> None:
+          max_link_age: str, log_level: str, access_log: bool) -> None:
     """Run the registry server."""
     from .server.app import create_app
     from .server.httpserver import run
 
     config = Config(data_dir=data_dir or default_data_dir(), host=host, port=port,
-                    max_upload_size=_size(max_upload_size), rate_limit=rate_limit)
+                    max_upload_size=_size(max_upload_size), rate_limit=rate_limit,
+                    max_link_age=_duration(max_link_age))
 
     try:
         key = _with_registry(config, lambda r: r.first_admin_key())
@@ -101,7 +119,9 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--name", required=True, help="A name to recognise and revoke the key by.")
-@click.option("--scope", type=click.Choice(["read", "write", "admin"]), default="write", show_default=True)
+@click.option("--scope", type=click.Choice(SCOPES), default="write", show_default=True,
+              help="read: list and download; device: also register devices and submit training updates; "
+                   "write: also change models; admin: also manage keys")
 @data_dir_option
 def keys_create(name: str, scope: str, data_dir: Path | None) -> None:
     """Create a key and print it (alone, so KEY=$(octomil-lite keys create --name ci) works)."""
@@ -129,6 +149,24 @@ def keys_revoke(name: str, data_dir: Path | None) -> None:
     config = Config(data_dir=data_dir or default_data_dir())
     _with_registry(config, lambda r: r.revoke_key(name))
     click.echo(f"revoked {name}", err=True)
+
+
+@main.group()
+def secret() -> None:
+    """The secret that signs download links."""
+
+
+@secret.command("rotate")
+@data_dir_option
+def secret_rotate(data_dir: Path | None) -> None:
+    """Replace the signing secret: every download link made so far stops working, also on a running server."""
+    from .auth import LinkSecret
+
+    home = data_dir or default_data_dir()
+    if not home.is_dir():
+        raise click.ClickException(f"no data directory at {home}")
+    LinkSecret(home / "secret.key").rotate()
+    click.echo("rotated the download-link secret; every link made before now is invalid", err=True)
 
 
 def _bytes(n: int) -> str:
@@ -181,7 +219,7 @@ def export_bundle(models: tuple[str, ...], everything: bool, output: Path, forma
     config = Config(data_dir=data_dir or default_data_dir())
 
     async def write(registry: Registry) -> tuple[int, int]:
-        plan = await registry.plan_export(None if everything else list(models), formats)
+        plan = await transfer.plan_export(registry, None if everything else list(models), formats)
         await asyncio.to_thread(_write_bundle, plan.chunks(registry.blobs.open), output)
         return len(plan.files), plan.length()
 
@@ -232,7 +270,7 @@ def import_bundle(bundle: Path, data_dir: Path | None) -> None:
                "version(s) were already here", err=True)
 
 
-for command in CLIENT_COMMANDS:
+for command in [*CLIENT_COMMANDS, *TRAINING_COMMANDS]:
     main.add_command(command)
 
 if __name__ == "__main__":

@@ -272,6 +272,29 @@ class Client:
                                    f"but the server announced {expected}.")
         return True
 
+    # federated learning rounds
+
+    def open_round(self, model_id: str, version: int | str | None = None, **fields: Any) -> dict[str, Any]:
+        """Open a training round on a version (None: the newest; for source='flower', no base at all)."""
+        return self._json("POST", "/training/rounds", json={"model_id": model_id, "version": version, **fields})
+
+    def record_round_result(self, round_id: str, version: int | str, metrics: dict[str, float] | None = None,
+                            participants: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Close a round aggregated elsewhere (Flower) with the version it produced."""
+        return self._json("POST", f"/training/rounds/{quote(round_id, safe='')}/result",
+                          json={"version": version, "metrics": metrics or {}, "participants": participants or []})
+
+    def update_round_metrics(self, round_id: str, metrics: dict[str, float]) -> dict[str, Any]:
+        """Merge metrics into a round's (evaluation results that arrive after aggregation)."""
+        return self._json("PATCH", f"/training/rounds/{quote(round_id, safe='')}", json={"metrics": metrics})
+
+    def list_rounds(self, model_id: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+        params = {k: v for k, v in (("model_id", model_id), ("status", status)) if v is not None}
+        return self._json("GET", "/training/rounds", params=params)["rounds"]  # type: ignore[no-any-return]
+
+    def round_updates(self, round_id: str) -> list[dict[str, Any]]:
+        return self._json("GET", f"/training/rounds/{quote(round_id, safe='')}/updates")["updates"]  # type: ignore[no-any-return]
+
     def _probe(self, path: str, params: dict[str, str]) -> httpx.Response:
         """The headers of a download, from a 1-byte ranged GET (whose error body, unlike HEAD's, says why)."""
         try:

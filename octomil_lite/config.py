@@ -29,6 +29,7 @@ class Config:
     conversion_workers: int = 1
     conversion_timeout: float = 900.0
     conversion_memory_bytes: int = 8 * GiB
+    max_link_age: int = 7 * 24 * 3600  # seconds; download-url refuses longer links, downloads refuse them too
 
     def __post_init__(self) -> None:
         # conversion children run in their own working directory: a relative data directory would not be found

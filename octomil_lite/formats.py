@@ -39,6 +39,7 @@ KINDS: dict[str, Kind] = {
     "xgboost-json": Kind(".json", "an XGBoost JSON model", ("xgboost",)),
     "xgboost-ubj": Kind(".ubj", "an XGBoost UBJSON model", ("xgboost",)),
     "lightgbm-text": Kind(".txt", "a LightGBM text model", ("lightgbm",)),
+    "numpy-npz": Kind(".npz", "a NumPy .npz archive of weights", ("numpy",)),
 }
 
 _PICKLE_FRAMEWORKS = ((b"sklearn", "sklearn"), (b"xgboost", "xgboost"), (b"lightgbm", "lightgbm"),
@@ -133,6 +134,8 @@ def _zip_kind(path: Path, filename: str) -> str | None:
         return "keras"
     if "saved_model.pb" in base or "saved_model.pbtxt" in base:
         return "savedmodel-zip"
+    if names and all(n.endswith(".npy") for n in names):
+        return "numpy-npz"
     return None
 
 

@@ -6,23 +6,22 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import re
-import secrets
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from . import auth, bundles, formats, storage
+from . import auth, formats, storage
+from .aggregation import NO_GRAPH
 from .config import Config
 from .convert.pool import TARGETS, ConversionPool
 from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
+from .federated import Federated
 from .schemas import (
     DOWNLOAD_FORMATS,
     CreateModel,
@@ -40,6 +39,7 @@ from .storage import BlobStore, MetadataStore, Row, StagedBlob
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PENDING_RETRY_AFTER = 2
+LINK_CLOCK_SLACK = 60  # seconds a link's expiry may exceed the limit (clock steps between signing and use)
 
 
 def utc_now() -> str:
@@ -71,19 +71,6 @@ class UploadedFile:
 class KeyInfo:
     name: str
     scope: str
-
-
-def _secret(path: Path) -> bytes:
-    """The registry's signing key for download links, made on first use and readable only by its owner."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(32))
-        f.flush()
-        os.fsync(f.fileno())
-    return path.read_bytes()
 
 
 def _download_format(fmt: str | None) -> str:
@@ -118,7 +105,7 @@ def _format_status(a: Row) -> FormatStatus:
 class Registry:
     """Models, versions, blobs, conversions and keys of one data directory."""
 
-    def __init__(self, config: Config, db: MetadataStore, blobs: BlobStore, secret: bytes):
+    def __init__(self, config: Config, db: MetadataStore, blobs: BlobStore, secret: auth.LinkSecret):
         self.config = config
         self.db = db
         self.blobs = blobs
@@ -126,12 +113,15 @@ class Registry:
         self.pool = ConversionPool(db, blobs, Limits(timeout=config.conversion_timeout,
                                                      memory_bytes=config.conversion_memory_bytes),
                                    config.conversion_workers, utc_now)
+        self.training = Federated(self)
 
     @classmethod
     async def open(cls, config: Config) -> Registry:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         db, blobs = await storage.open_stores(config.data_dir)
-        return cls(config, db, blobs, _secret(config.data_dir / "secret.key"))
+        secret = auth.LinkSecret(config.data_dir / "secret.key")
+        secret.current()  # made at first open, so it exists before any link does
+        return cls(config, db, blobs, secret)
 
     async def start(self) -> None:
         """Serving: sweep leftovers of a previous run and start converting."""
@@ -155,7 +145,7 @@ class Registry:
             description=row["description"], created_at=row["created_at"],
         )
 
-    async def _model_row(self, ref: str) -> Row:
+    async def model_row(self, ref: str) -> Row:
         """A model by its id or (Octomil SDK style) its unique name."""
         model_id = _canonical_uuid(ref)
         row = None
@@ -184,7 +174,7 @@ class Registry:
         return self._model({**row, "digest": None, "size": None}), True
 
     async def update_model(self, model_id: str, req: UpdateModel) -> Model:
-        row = await self._model_row(model_id)
+        row = await self.model_row(model_id)
         fields = {f: getattr(req, f) for f in req.__struct_fields__ if getattr(req, f) is not msgspec.UNSET}
         if "is_baseline" in fields:
             fields["is_baseline"] = int(fields["is_baseline"])
@@ -195,7 +185,7 @@ class Registry:
         return self._model({**row, **fields})
 
     async def delete_model(self, model_id: str) -> None:
-        row = await self._model_row(model_id)
+        row = await self.model_row(model_id)
         if not await self.db.delete_model(row["seq"]):
             raise NotFound(f"No model with id '{model_id}'.")
 
@@ -206,7 +196,7 @@ class Registry:
         return ModelList(models=[self._model(r) for r in rows], total=total, limit=limit, offset=offset)
 
     async def get_model(self, model_id: str) -> ModelDetail:
-        row = await self._model_row(model_id)
+        row = await self.model_row(model_id)
         versions = await self.db.list_versions(row["seq"])
         model = self._model(row)
         return ModelDetail(**{f: getattr(model, f) for f in model.__struct_fields__},
@@ -214,16 +204,20 @@ class Registry:
 
     # versions
 
+    async def version_rows(self, model_ref: str, ref: str | int | None) -> tuple[Row, Row]:
+        """(model, version) for a version number, label, or None for the newest."""
+        return await self._version_row(model_ref, "latest" if ref is None else str(ref))
+
     async def require_model(self, model_id: str) -> None:
         """Fail fast (before an upload body is read) when the model does not exist."""
-        await self._model_row(model_id)
+        await self.model_row(model_id)
 
     def stage_upload(self) -> StagedBlob:
         return self.blobs.stage()
 
     async def upload_version(self, model_id: str, files: dict[str, UploadedFile], form: UploadForm) -> UploadedVersion:
         """Turn finished, staged bytes into the model's next version (the caller discards the staged files)."""
-        row = await self._model_row(model_id)
+        row = await self.model_row(model_id)
         upload = files["file"]
         staged = upload.staged
         if staged.size == 0:
@@ -241,6 +235,8 @@ class Registry:
                               "signature": json.dumps(signature), "converter": "original upload", "updated_at": now})
         elif "onnx_data" in files:
             raise BadRequest("An 'onnx_data' part only goes with an ONNX model in 'file'.")
+        elif sniffed.kind == "numpy-npz":
+            artifacts = [{"format": "onnx", "status": "impossible", "reason": NO_GRAPH, "updated_at": now}]
         else:
             artifacts.append({"format": "onnx", "status": "pending", "updated_at": now})
         version = {"label": form.label, "format": fmt, "kind": sniffed.kind, "digest": staged.digest,
@@ -287,7 +283,7 @@ class Registry:
 
     async def _version_row(self, model_id: str, ref: str) -> tuple[Row, Row]:
         """(model, version) for a version number, label or 'latest'."""
-        model = await self._model_row(model_id)
+        model = await self.model_row(model_id)
         if ref == "latest":
             version = await self.db.get_version(model["seq"])
         elif ref.isdigit() and len(ref) < 10:
@@ -343,11 +339,14 @@ class Registry:
 
     def _signature(self, model_id: str, number: int, fmt: str, expires: int) -> str:
         message = f"{model_id}\n{number}\n{fmt}\n{expires}".encode()
-        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+        return hmac.new(self._secret.current(), message, hashlib.sha256).hexdigest()
 
     async def sign_download(self, model_id: str, ref: str, fmt: str | None, ttl: int) -> tuple[str, str]:
         """A key-less path (with query) to one version's format, valid for `ttl` seconds, and its expiry time."""
         fmt = _download_format(fmt)
+        if ttl > self.config.max_link_age:
+            raise BadRequest(f"Query parameter 'expires_in' must be at most {self.config.max_link_age} seconds "
+                             f"(this server's limit on download links); got {ttl}.")
         model, version = await self._version_row(model_id, ref)
         expires = int(time.time()) + ttl
         signature = self._signature(model["id"], version["number"], fmt, expires)
@@ -362,8 +361,13 @@ class Registry:
         expected = self._signature(model_id, int(version), fmt, int(expires))
         if not hmac.compare_digest(expected, signature):
             raise Forbidden("This download link's signature does not match; ask for a new one with download-url.")
-        if int(expires) < time.time():
+        now = time.time()
+        if int(expires) < now:
             raise Forbidden("This download link has expired; ask for a new one with download-url.")
+        # A link this server would never have made (e.g. minted with a stolen secret) is refused, not honoured.
+        if int(expires) > now + self.config.max_link_age + LINK_CLOCK_SLACK:
+            raise Forbidden("This download link outlives the server's limit on links; ask for a new one "
+                            "with download-url.")
 
     def open_artifact(self, artifact: Artifact) -> int:
         """A read-only descriptor on the artifact's blob."""
@@ -372,15 +376,6 @@ class Registry:
         except OSError as exc:
             raise OctomilError(f"The stored bytes of {artifact.filename} are missing or unreadable ({exc.strerror}); "
                                "run 'octomil-lite verify'.") from None
-
-    # bundles: moving models between registries
-
-    async def plan_export(self, refs: list[str] | None, formats: str | None = None) -> bundles.ExportPlan:
-        """What a bundle of these models (ids or names; None: all) holds: every version's original bytes, and its
-        ready artifacts in `formats` (comma-separated, e.g. original,onnx; None: all of them)."""
-        wanted = bundles.artifact_formats(formats)
-        ids = None if refs is None else list(dict.fromkeys([(await self._model_row(ref))["id"] for ref in refs]))
-        return bundles.plan_export(*await self.db.export_rows(ids, wanted))
 
     # api keys
 

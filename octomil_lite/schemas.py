@@ -6,12 +6,12 @@ from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 
-UPLOAD_FORMATS = ("pytorch", "tensorflow", "onnx", "sklearn", "xgboost", "lightgbm")
+UPLOAD_FORMATS = ("pytorch", "tensorflow", "onnx", "sklearn", "xgboost", "lightgbm", "numpy")
 
 Framework = Literal["pytorch", "tensorflow", "xgboost", "sklearn"]
 FRAMEWORKS: tuple[str, ...] = get_args(Framework)
-DownloadFormat = Literal["original", "pytorch", "tensorflow", "onnx", "sklearn", "xgboost", "lightgbm", "tflite",
-                         "coreml"]
+DownloadFormat = Literal["original", "pytorch", "tensorflow", "onnx", "sklearn", "xgboost", "lightgbm", "numpy",
+                         "tflite", "coreml"]
 DOWNLOAD_FORMATS: tuple[str, ...] = get_args(DownloadFormat)
 Description = Annotated[str, msgspec.Meta(max_length=1000)]
 ShortText = Annotated[str, msgspec.Meta(max_length=200)]
@@ -167,3 +167,93 @@ class UploadForm(msgspec.Struct, kw_only=True):
     accuracy: float | None = None
     loss: float | None = None
     input_shape: list[int] | None = None
+
+
+# federated learning (the Octomil SDK's FederatedClient and Federation)
+
+Metrics = dict[ShortText, float]
+VersionRef = Annotated[str, msgspec.Meta(max_length=100)] | int
+
+
+class RegisterDevice(msgspec.Struct, kw_only=True):
+    """POST /api/v1/devices/register; unknown fields are ignored."""
+
+    device_identifier: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    org_id: ShortText | None = None
+    platform: ShortText | None = None
+    os_version: ShortText | None = None
+    sdk_version: ShortText | None = None
+    app_version: ShortText | None = None
+    metadata: dict[str, Any] | None = None
+    capabilities: dict[str, Any] | None = None
+    feature_schema: list[ShortText] | None = None
+
+
+class Heartbeat(msgspec.Struct, kw_only=True):
+    sdk_version: ShortText | None = None
+    os_version: ShortText | None = None
+    platform: ShortText | None = None
+    status: ShortText | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class OpenRound(msgspec.Struct, kw_only=True):
+    """POST /api/v1/training/rounds: a round on one version of a model (None: the newest)."""
+
+    model_id: ShortText
+    version: VersionRef | None = None
+    min_updates: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
+    target_participants: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
+    deadline_seconds: Annotated[int, msgspec.Meta(ge=1, le=366 * 86400)] | None = None
+    config: dict[str, Any] | None = None
+    source: Literal["octomil", "flower"] = "octomil"
+
+
+class SubmitWeights(msgspec.Struct, kw_only=True):
+    """POST /api/v1/training/weights, as FederatedClient.train / join_round send it."""
+
+    model_id: ShortText
+    device_id: ShortText
+    weights_data: str
+    version: VersionRef | None = None
+    round_id: ShortText | None = None
+    sample_count: Annotated[int, msgspec.Meta(ge=0)] = 0
+    metrics: Metrics | None = None
+    update_format: Literal["weights", "delta"] = "weights"
+
+
+class Aggregate(msgspec.Struct, kw_only=True):
+    """POST /api/v1/training/aggregate, as Federation.train sends it (architecture fields are ignored)."""
+
+    model_id: ShortText
+    base_version: VersionRef | None = None
+    new_version: ShortText | None = None
+    round_id: ShortText | None = None
+    min_updates: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1
+    publish: bool = True
+    strategy: Literal["fedavg", "metrics"] = "fedavg"  # "metrics", Federation.train's default, is FedAvg too
+    update_format: ShortText | None = None
+
+
+class RoundResult(msgspec.Struct, kw_only=True):
+    """POST /api/v1/training/rounds/{id}/result: a round aggregated elsewhere (a Flower run) and its version."""
+
+    version: VersionRef
+    metrics: Metrics | None = None
+    participants: list[dict[str, Any]] | None = None
+
+
+class RoundMetrics(msgspec.Struct, kw_only=True):
+    """PATCH /api/v1/training/rounds/{id}: metrics merged into the round's."""
+
+    metrics: Metrics
+
+
+class TrainingSession(msgspec.Struct, kw_only=True):
+    """POST /api/v1/training/sessions (OctomilClient.train): opens a round on the newest version."""
+
+    model_id: ShortText
+    rounds: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1
+    min_updates: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1
+    strategy: ShortText = "fedavg"
+    group: ShortText | None = None

@@ -1,14 +1,25 @@
-"""Importing a bundle (bundles.py is the format): every member verified first, then one transaction that adds
-what is missing, or nothing at all when anything clashes."""
+"""Moving models between registries (bundles.py is the format): what an export holds, and an import: every
+member verified first, then one transaction that adds what is missing, or nothing at all when anything clashes."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from . import bundles
 from .errors import Conflict
 from .storage import BlobStore, MetadataStore, Row
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+
+async def plan_export(registry: Registry, refs: list[str] | None, formats: str | None = None) -> bundles.ExportPlan:
+    """What a bundle of these models (ids or names; None: all) holds: every version's original bytes, and its
+    ready artifacts in `formats` (comma-separated, e.g. original,onnx; None: all of them)."""
+    wanted = bundles.artifact_formats(formats)
+    ids = None if refs is None else list(dict.fromkeys([(await registry.model_row(ref))["id"] for ref in refs]))
+    return bundles.plan_export(*await registry.db.export_rows(ids, wanted))
 
 
 def resolve(models: list[Row], here: Row) -> tuple[list[str], Row]:

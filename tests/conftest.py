@@ -98,7 +98,7 @@ async def api(config: Config) -> AsyncIterator[Api]:
     async with AsyncTestClient(app=create_app(config)) as client:
         registry: Registry = client.app.state.registry
         keys = {scope: await on_app_loop(client, registry.create_key, f"test-{scope}", scope)
-                for scope in ("read", "write", "admin")}
+                for scope in ("read", "device", "write", "admin")}
         yield Api(client, registry, keys)
 
 

@@ -329,7 +329,7 @@ async def test_ten_thousand_tiny_entries_round_trip(tmp_path: Path) -> None:
 
     registry = await Registry.open(Config(data_dir=home, conversion_workers=0))
     try:
-        plan = await registry.plan_export(None)
+        plan = await transfer.plan_export(registry, None)
         exported = b"".join(plan.chunks(registry.blobs.open))
     finally:
         await registry.close()

@@ -92,6 +92,9 @@ def test_every_operation_survives_fuzzing_and_matches_its_schema(
             headers = bearer(key)
             response = case.call(base_url=server.url, headers=headers, timeout=30)
             ran.append(response.status_code)
+            if response.status_code == 501:  # deliberate and documented: a hosted-platform feature, said why
+                assert response.json()["error"] == "not_implemented", response.text
+                return
             try:
                 case.validate_response(response, headers=headers, excluded_checks=EXCLUDED)
             except (AssertionError, FailureGroup) as exc:  # collect all, so the report lists every operation

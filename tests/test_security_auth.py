@@ -21,7 +21,7 @@ import httpx
 from conftest import Api, Server, bearer
 from litestar.routes import HTTPRoute
 
-from octomil_lite.auth import hash_key
+from octomil_lite.auth import SCOPES, hash_key
 from octomil_lite.registry import Registry
 
 ALL_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "TRACE")
@@ -30,7 +30,7 @@ ALL_METHODS = ("GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE", "TRAC
 PUBLIC = {"/health", "/", "/static/{file_path:path}", "/schema", "/schema/swagger", "/schema/openapi.yml",
           "/schema/openapi.yaml", "/schema/openapi.json", "/schema/{path:str}", "/schema/oauth2-redirect.html",
           "/signed/models/{model_id:str}/versions/{version:str}/download"}
-SCOPE_RANK = {"read": 0, "write": 1, "admin": 2}
+SCOPE_RANK = {scope: rank for rank, scope in enumerate(SCOPES)}  # read < device < write < admin
 MALFORMED = [
     {},
     {"Authorization": ""},

@@ -266,3 +266,43 @@ def test_api_docs_render_from_the_package_with_no_outside_request(tab: Tab, site
     expect(operation.locator(".live-responses-table tbody .response-col_status").first).to_have_text("200")
     assert tab.outside_requests() == []
     assert any(url.endswith("/static/vendor/swagger-ui-bundle.js") for url in tab.urls)
+
+
+def test_model_page_shows_training_rounds_with_a_chart_across_rounds(tab: Tab, site: Site) -> None:
+    import base64
+    import io
+
+    import numpy as np
+
+    def npz(value: float) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, w=np.full(3, value, dtype=np.float32))
+        return buf.getvalue()
+
+    model = site.create_model(framework="pytorch", description="Federated")
+    resp = site.api.post(f"/models/{model['id']}/versions/upload", files={"file": ("base.npz", npz(0.0))})
+    assert resp.status_code == 201, resp.text
+    devices = [site.api.post("/devices/register", json={"device_identifier": f"web-{i}-{model['id']}"}).json()["id"]
+               for i in range(2)]
+    for number in (1, 2):
+        opened = site.api.post("/training/rounds", json={"model_id": model["id"], "version": number}).json()
+        for i, device_id in enumerate(devices):
+            resp = site.api.post("/training/weights", json={
+                "model_id": model["id"], "version": number, "device_id": device_id, "round_id": opened["round_id"],
+                "sample_count": 10 * (i + 1), "metrics": {"loss": 1.0 / number + i}, "weights_data":
+                base64.b64encode(npz(float(number + i))).decode()})
+            assert resp.status_code == 200, resp.text
+        assert site.api.post("/training/aggregate", json={"model_id": model["id"], "round_id": opened["round_id"],
+                                                          "min_updates": 2}).status_code == 200
+    tab.sign_in()
+    tab.page.locator("#models").wait_for()
+    tab.open_model(model["id"])
+    rows = tab.page.locator("#rounds tbody tr")
+    expect(rows).to_have_count(2)
+    expect(rows.first).to_contain_text("completed")
+    expect(rows.first).to_contain_text("2 → 3")
+    expect(rows.first.locator("td[data-label=Participants]")).to_have_text("2")
+    expect(rows.first.locator("td[data-label=Samples]")).to_have_text("30")
+    expect(tab.page.locator("#rounds svg.round-loss circle")).to_have_count(2)
+    assert "loss by round" in tab.page.locator("#rounds figcaption").first.text_content()
+    assert tab.outside_requests() == []

@@ -13,13 +13,23 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..errors import bounded_reason
 from .job import Converted, Impossible, Unavailable, parse_job
 from .onnx_checks import check_onnx, fold_onnx, onnx_signature
 from .routes import converter_for
+from .weights import aggregate_weights, inspect_weights
 
 
 def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     """Convert one uploaded model as the payload asks; never raises for a bad file."""
+    result = _run_job(payload)
+    if result.get("reason") is not None:
+        result["reason"] = bounded_reason(result["reason"])
+    return result
+
+
+def _run_job(payload: dict[str, Any]) -> dict[str, Any]:
+    from .model_checks import RefusedArchive
     from .safe_pickle import RefusedGlobal
 
     scratch = None
@@ -37,6 +47,8 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         return {"status": "impossible", "reason": str(exc)}
     except Unavailable as exc:
         return {"status": "unavailable", "reason": str(exc), "extra": exc.extra}
+    except RefusedArchive as exc:
+        return {"status": "failed", "reason": str(exc)}
     except RefusedGlobal as exc:
         return {"status": "failed", "reason": f"{exc}; only numpy, scipy, scikit-learn, xgboost and lightgbm "
                                                "model types may appear in an uploaded pickle"}
@@ -73,6 +85,10 @@ def main() -> None:
         result = check_onnx(payload)
     elif task == "fold-onnx":
         result = fold_onnx(payload)
+    elif task == "inspect-weights":
+        result = inspect_weights(payload)
+    elif task == "aggregate-weights":
+        result = aggregate_weights(payload)
     elif task == "convert":
         result = run_job(payload)
     else:

@@ -24,6 +24,7 @@ from ..errors import DISK_FULL, UNEXPECTED, BadRequest, Forbidden, OctomilError,
 from ..registry import KeyInfo, Registry
 from ..schemas import ErrorBody
 from .controllers import ModelController, health, import_bundle, signed_download
+from .training import DeviceController, TrainingController
 from .web import openapi_config
 from .web import route_handlers as web_routes
 
@@ -211,7 +212,8 @@ def create_app(config: Config) -> Litestar:
         return state.registry  # type: ignore[no-any-return]
 
     app = Litestar(
-        route_handlers=[health, ModelController, import_bundle, signed_download, *web_routes],
+        route_handlers=[health, ModelController, DeviceController, TrainingController, import_bundle,
+                        signed_download, *web_routes],
         lifespan=[lifespan],
         state=State({"rate_limiter": RateLimiter(config.rate_limit), "conversions": available_conversions()}),
         dependencies={"registry": Provide(provide_registry, sync_to_thread=False)},

@@ -81,7 +81,8 @@ _ERROR_TEXT = {400: "Bad request: a field, parameter or file is invalid", 401: "
                403: "The key's scope does not allow this", 404: "No such model, version or format (yet)",
                409: "Conflict: a name or version label already exists", 413: "The upload is too large",
                416: "The requested byte range is outside the file", 429: "Too many requests; see Retry-After",
-               500: "Unexpected server error", 507: "The registry's disk is full"}
+               500: "Unexpected server error", 501: "Not implemented by octomil-lite (the reason says why)",
+               507: "The registry's disk is full"}
 
 _NO_NUL = r"^[^\u0000]*$"
 _UPLOAD_FORM = Schema(type=OpenAPIType.OBJECT, required=["file"], properties={
@@ -203,7 +204,7 @@ class ModelController(Controller):
     async def export(self, model_id: FromPath[str], registry: NamedDependency[Registry],
                      formats: Annotated[str | None, QueryParameter(max_length=200, pattern=_FORMAT_LIST)] = None,
                      ) -> Stream:
-        plan = await registry.plan_export([model_id], formats)
+        plan = await transfer.plan_export(registry, [model_id], formats)
         return Stream(plan.chunks(registry.blobs.open), media_type="application/x-tar",
                       headers={"content-length": str(plan.length()),
                                "content-disposition": f'attachment; filename="{plan.model_ids[0]}.tar"'})
@@ -241,7 +242,9 @@ class ModelController(Controller):
     @get("/{model_id:str}/versions/{version:str}/download-url", opt={"scope": "read"}, responses=_errors())
     async def download_url(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
                            registry: NamedDependency[Registry], format: FromQuery[DownloadFormat | None] = None,
-                           expires_in: Annotated[int, QueryParameter(ge=1, le=7 * 24 * 3600)] = 3600) -> SignedUrl:
+                           expires_in: Annotated[int, QueryParameter(
+                               ge=1, description="Seconds the link is valid; at most the server's --max-link-age "
+                               "(7 days by default), longer is a 400.")] = 3600) -> SignedUrl:
         path, expires_at = await registry.sign_download(model_id, version, format, expires_in)
         return SignedUrl(url=str(request.base_url).rstrip("/") + path, expires_at=expires_at)
 

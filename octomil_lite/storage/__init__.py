@@ -8,7 +8,7 @@ sees a driver's exception. Today: `storage.sqlite.SQLiteStore` and `storage.loca
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -81,7 +81,29 @@ class BlobStore(Protocol):
         """Delete temp files (all, or those untouched for `older_than` seconds); return (count, bytes)."""
 
 
-class MetadataStore(Protocol):
+class TrainingStore(Protocol):
+    """Federated-learning rows: devices, rounds and the updates devices submit (Row columns as in SQLite's)."""
+
+    async def get_device(self, device_id: str | None = None, *, identifier: str | None = None) -> Row | None: ...
+    async def register_device(self, row: Row, refresh: Row) -> Row:
+        """Insert a device, or (same identifier) refresh its fields; return the stored row."""
+    async def update_device(self, device_seq: int, fields: Row) -> None: ...
+    async def list_devices(self) -> list[Row]: ...
+    async def insert_round(self, row: Row) -> None: ...
+    async def get_round(self, round_id: str) -> Row | None: ...
+    async def list_rounds(self, model_seq: int | None, status: str | None, limit: int = 200) -> list[Row]: ...
+    async def update_round(self, round_seq: int, fields: Row, *, only_status: str | None = None) -> bool: ...
+    async def insert_update(self, row: Row, publish: Publish) -> Row:
+        """Publish and record an update; the same bytes from the same device on the same base give the stored one."""
+    async def list_updates(self, *, round_seq: int | None = None, base_version_seq: int | None = None,
+                           status: str | None = None, device_seq: int | None = None) -> list[Row]: ...
+    async def insert_aggregate(self, model_seq: int, version: Row, artifacts: list[Row], publish: Publish,
+                               round_row: Row | None, round_seq: int | None, fields: Row,
+                               update_seqs: Iterable[int]) -> int | None:
+        """The aggregated version, its round completed and its updates marked, in one write."""
+
+
+class MetadataStore(TrainingStore, Protocol):
     """Rows of the registry. Every write is atomic; `publish` callbacks run inside the write, before it commits,
     so a blob is published exactly when its row is. Raises Conflict on a uniqueness clash, StorageFull when full."""
 

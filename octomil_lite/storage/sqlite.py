@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -13,7 +12,9 @@ from typing import Any
 import aiosqlite
 
 from ..errors import DISK_FULL
-from . import Conflict, Publish, Resolve, Row, StorageFull
+from . import Conflict, Publish, Row, StorageFull
+from .training import TRAINING_TABLES, TrainingQueries
+from .transfer import TransferQueries
 
 MIGRATIONS: list[str] = [
     """
@@ -82,6 +83,7 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX api_keys_active_name ON api_keys(name) WHERE revoked_at IS NULL;
     """,
+    TRAINING_TABLES,  # 2: federated learning (storage/training.py)
 ]
 
 _MODEL_COLUMNS = """
@@ -92,7 +94,8 @@ _LATEST_JOIN = """
     LEFT JOIN versions v ON v.seq = (SELECT seq FROM versions WHERE model_seq = m.seq ORDER BY number DESC LIMIT 1)
 """
 
-_REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
+_REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
+               "UNION SELECT digest FROM training_updates")
 
 
 @contextmanager
@@ -148,7 +151,7 @@ def _assignments(fields: Row) -> str:
     return ", ".join(f"{name} = ?" for name in fields)
 
 
-class SQLiteStore:
+class SQLiteStore(TrainingQueries, TransferQueries):
     """The registry's MetadataStore on SQLite; writes are serialised through one connection."""
 
     def __init__(self, reader: aiosqlite.Connection, writer: aiosqlite.Connection):
@@ -239,22 +242,29 @@ class SQLiteStore:
                              publish: Publish) -> int | None:
         """Publish the blob, then add the model's next version, atomically; None if the model is gone."""
         async with self.transaction() as conn:
-            cur = await conn.execute(
-                "UPDATE models SET next_version = next_version + 1 WHERE seq = ? RETURNING next_version - 1 AS number",
-                (model_seq,))
-            found = await cur.fetchone()
-            if found is None:
-                return None
-            number: int = found["number"]  # type: ignore[index]
-            await publish()
-            cur = await conn.execute(*_insert("versions", {"model_seq": model_seq, "number": number, **row}))
-            version_seq = cur.lastrowid
-            if model_fields:
-                await conn.execute(f"UPDATE models SET {_assignments(model_fields)} WHERE seq = ?",
-                                   (*model_fields.values(), model_seq))
-            for artifact in artifacts:
-                await conn.execute(*_insert("artifacts", {"version_seq": version_seq, **artifact}))
-            return number
+            added = await self._add_version(conn, model_seq, row, model_fields, artifacts, publish)
+            return added[0] if added else None
+
+    @staticmethod
+    async def _add_version(conn: aiosqlite.Connection, model_seq: int, row: Row, model_fields: Row,
+                           artifacts: list[Row], publish: Publish) -> tuple[int, int] | None:
+        """Inside a write: the model's next version (number, row seq), or None if the model is gone."""
+        cur = await conn.execute(
+            "UPDATE models SET next_version = next_version + 1 WHERE seq = ? RETURNING next_version - 1 AS number",
+            (model_seq,))
+        found = await cur.fetchone()
+        if found is None:
+            return None
+        number: int = found["number"]  # type: ignore[index]
+        await publish()
+        cur = await conn.execute(*_insert("versions", {"model_seq": model_seq, "number": number, **row}))
+        version_seq = cur.lastrowid
+        if model_fields:
+            await conn.execute(f"UPDATE models SET {_assignments(model_fields)} WHERE seq = ?",
+                               (*model_fields.values(), model_seq))
+        for artifact in artifacts:
+            await conn.execute(*_insert("artifacts", {"version_seq": version_seq, **artifact}))
+        return number, version_seq  # type: ignore[return-value]
 
     async def delete_version(self, version_seq: int) -> bool:
         async with self.transaction() as conn:
@@ -308,67 +318,6 @@ class SQLiteStore:
         async with self.transaction() as conn:
             return (await conn.execute("UPDATE artifacts SET status = 'pending' WHERE status = 'running'")).rowcount
 
-    # bundles (export, import)
-
-    async def export_rows(self, model_ids: list[str] | None, formats: list[str]) -> tuple[list[Row], list[Row],
-                                                                                         list[Row]]:
-        """(models, versions, ready artifacts in `formats`) of the given models, or of every model when None."""
-        where, params = ("", ()) if model_ids is None else ("WHERE id IN (SELECT value FROM json_each(?))",
-                                                             (json.dumps(model_ids),))
-        models = await self._all(f"SELECT * FROM models {where} ORDER BY seq", params)
-        seqs = json.dumps([m["seq"] for m in models])
-        versions = await self._all("SELECT * FROM versions WHERE model_seq IN (SELECT value FROM json_each(?)) "
-                                   "ORDER BY model_seq, number", (seqs,))
-        artifacts = await self._all(
-            "SELECT a.* FROM artifacts a JOIN versions v ON v.seq = a.version_seq "
-            "WHERE v.model_seq IN (SELECT value FROM json_each(?)) AND a.status = 'ready' "
-            "AND a.format IN (SELECT value FROM json_each(?)) ORDER BY a.seq", (seqs, json.dumps(formats)))
-        return models, versions, artifacts
-
-    async def import_models(self, models: list[Row], resolve: Resolve,
-                            publish: Publish | None) -> tuple[list[str], dict[str, int]]:
-        """One transaction: read what is here, let `resolve` decide, then (no clash, not a check) publish and write."""
-        async with self.transaction() as conn:
-            ids = json.dumps([m["id"] for m in models])
-            cur = await conn.execute("SELECT seq, id, next_version FROM models WHERE id IN "
-                                     "(SELECT value FROM json_each(?))", (ids,))
-            existing = {r["id"]: r for r in await cur.fetchall()}  # type: ignore[index]
-            cur = await conn.execute("SELECT id, name FROM models WHERE name IN (SELECT value FROM json_each(?))",
-                                     (json.dumps([m["name"] for m in models if m["name"] is not None]),))
-            names = {r["name"]: r["id"] for r in await cur.fetchall()}  # type: ignore[index]
-            cur = await conn.execute(
-                "SELECT m.id AS model_id, v.number, v.label, v.digest FROM versions v JOIN models m "
-                "ON m.seq = v.model_seq WHERE m.id IN (SELECT value FROM json_each(?))", (ids,))
-            versions: dict[str, list[Row]] = {}
-            for r in await cur.fetchall():
-                versions.setdefault(r["model_id"], []).append(r)  # type: ignore[index,call-overload]
-            clashes, plan = resolve({"models": existing, "names": names, "versions": versions})
-            if clashes or publish is None:
-                return clashes, {}
-            await publish()
-            await conn.executemany(
-                "INSERT INTO models (id, name, use_case, framework, framework_version, description, is_baseline, "
-                "round_id, accuracy, loss, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [(m["id"], m["name"], m["use_case"], m["framework"], m["framework_version"], m["description"],
-                  m["is_baseline"], m["round_id"], m["accuracy"], m["loss"], m["created_at"]) for m in plan["models"]])
-            await conn.executemany("UPDATE models SET next_version = max(next_version, ?) WHERE id = ?",
-                                   [(n, model_id) for model_id, n in plan["next_numbers"].items()])
-            await conn.executemany(
-                "INSERT INTO versions (model_seq, number, label, format, kind, digest, size, description, round_id, "
-                "accuracy, loss, input_shape, uploaded_at) SELECT seq, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? "
-                "FROM models WHERE id = ?",
-                [(v["number"], v["label"], v["format"], v["kind"], v["digest"], v["size"], v["description"],
-                  v["round_id"], v["accuracy"], v["loss"], v["input_shape"], v["uploaded_at"], model_id)
-                 for model_id, v in plan["versions"]])
-            cur = await conn.executemany(
-                "INSERT OR IGNORE INTO artifacts (version_seq, format, status, digest, size, parity, signature, "
-                "converter, updated_at) SELECT v.seq, ?, 'ready', ?, ?, ?, ?, ?, ? FROM versions v "
-                "JOIN models m ON m.seq = v.model_seq WHERE m.id = ? AND v.number = ?",
-                [(a["format"], a["digest"], a["size"], a["parity"], a["signature"], a["converter"], a["updated_at"],
-                  model_id, number) for model_id, number, a in plan["artifacts"]])
-            return [], {"models": len(plan["models"]), "versions": len(plan["versions"]),
-                        "versions_present": plan["present"], "artifacts": max(cur.rowcount, 0)}
-
     # storage accounting (gc, verify)
 
     async def referenced_digests(self) -> set[str]:
@@ -390,7 +339,9 @@ class SQLiteStore:
             "JOIN models m ON m.seq = v.model_seq UNION ALL "
             "SELECT m.id, v.number, a.format, a.digest, a.size FROM artifacts a "
             "JOIN versions v ON v.seq = a.version_seq "
-            "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL")
+            "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL UNION ALL "
+            "SELECT m.id, v.number, 'training update ' || u.id, u.digest, u.size FROM training_updates u "
+            "JOIN versions v ON v.seq = u.base_version_seq JOIN models m ON m.seq = u.model_seq")
 
     async def integrity_check(self) -> str:
         row = await self._one("PRAGMA integrity_check")

@@ -270,6 +270,7 @@ async function showModel(modelId, id) {
   $("#versions tbody", node).replaceChildren(...rows.map((r) => r.row));
   $("#no-versions", node).hidden = versions.length > 0;
   setUpUpload($("#upload-form", node), path);
+  showRounds($("#rounds", node), (await getJson(`/training/rounds?model_id=${encodeURIComponent(model.id)}`)).rounds);
   if (!show(node, id)) return;
   await Promise.all(rows.map((r) => r.loadFormats()));
 }
@@ -475,7 +476,33 @@ function drawCharts(section, versions) {
   section.hidden = false;
 }
 
-function lineChart(field, label, points) {
+// ---------- federated-learning rounds: a table, and each metric charted across rounds ----------
+
+function showRounds(section, rounds) {
+  if (rounds.length === 0) return;
+  const ordered = [...rounds].reverse();
+  const names = [...new Set(ordered.flatMap((r) => Object.keys(r.metrics)))]
+    .filter((m) => !m.startsWith("num_")).sort().slice(0, 4);
+  const panels = names
+    .map((m) => [m, ordered.map((r, i) => [i + 1, r.metrics[m]]).filter(([, y]) => isNumber(y))])
+    .filter(([, points]) => points.length > 0)
+    .map(([m, points]) => lineChart(`round-${m.replace(/[^a-z0-9_-]/gi, "")}`, `${m} by round`, points, "r"));
+  $(".charts", section).replaceChildren(...panels);
+  const samples = (r) => r.sample_count || r.metrics.num_examples;
+  $("tbody", section).replaceChildren(...rounds.map((r) => el("tr", {},
+    el("td", { "data-label": "Round", class: "mono" }, clip(r.round_id, 12)),
+    el("td", { "data-label": "Status" }, r.status),
+    el("td", { "data-label": "Source" }, r.source),
+    el("td", { "data-label": "Base → result" }, `${r.base_version ?? dash} → ${r.result_version ?? dash}`),
+    el("td", { "data-label": "Participants", class: "num" }, String(r.participants)),
+    el("td", { "data-label": "Samples", class: "num" }, isNumber(samples(r)) ? String(samples(r)) : dash),
+    el("td", { "data-label": "Metrics" },
+      Object.entries(r.metrics).map(([k, v]) => `${k}=${formatNumber(v)}`).join(", ") || dash),
+    el("td", { "data-label": "Opened" }, timeCell(r.created_at)))));
+  section.hidden = false;
+}
+
+function lineChart(field, label, points, prefix = "v") {
   const W = 360, H = 200, left = 48, right = 12, top = 16, bottom = 32;
   const xs = points.map((p) => p[0]);
   const ys = points.map((p) => p[1]);
@@ -488,8 +515,8 @@ function lineChart(field, label, points) {
 
   const titleId = `chart-${field}-title`;
   const chart = svg("svg", { viewBox: `0 0 ${W} ${H}`, class: `chart ${field}`, role: "img", "aria-labelledby": titleId });
-  const summary = points.map(([x, y]) => `v${x}: ${formatNumber(y)}`).join(", ");
-  chart.append(svg("title", { id: titleId }, `${label} by version: ${summary}`));
+  const summary = points.map(([x, y]) => `${prefix}${x}: ${formatNumber(y)}`).join(", ");
+  chart.append(svg("title", { id: titleId }, `${label}: ${summary}`));
   chart.append(svg("line", { x1: left, y1: H - bottom, x2: W - right, y2: H - bottom, class: "axis" }));
   chart.append(svg("line", { x1: left, y1: top, x2: left, y2: H - bottom, class: "axis" }));
   for (const y of [y0 + pad, (y0 + y1) / 2, y1 - pad]) {
@@ -499,12 +526,13 @@ function lineChart(field, label, points) {
   const step = Math.max(1, Math.ceil(xs.length / 8));
   xs.forEach((x, i) => {
     if (i % step === 0 || i === xs.length - 1) {
-      chart.append(svg("text", { x: sx(x), y: H - bottom + 18, "text-anchor": "middle" }, `v${x}`));
+      chart.append(svg("text", { x: sx(x), y: H - bottom + 18, "text-anchor": "middle" }, `${prefix}${x}`));
     }
   });
   chart.append(svg("polyline", { points: points.map(([x, y]) => `${sx(x)},${sy(y)}`).join(" "), class: "line" }));
   for (const [x, y] of points) {
-    chart.append(svg("circle", { cx: sx(x), cy: sy(y), r: 4, class: "dot" }, svg("title", {}, `v${x}: ${formatNumber(y)}`)));
+    chart.append(svg("circle", { cx: sx(x), cy: sy(y), r: 4, class: "dot" },
+      svg("title", {}, `${prefix}${x}: ${formatNumber(y)}`)));
   }
   return el("figure", {}, chart, el("figcaption", {}, label));
 }

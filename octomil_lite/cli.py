@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import os
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from . import __version__, maintenance
+from . import __version__, maintenance, transfer
 from .auth import SCOPES
 from .cli_client import CLIENT_COMMANDS, INTERRUPTED
 from .cli_training import TRAINING_COMMANDS
 from .config import Config, default_data_dir, human_size
 from .errors import OctomilError
+
+if TYPE_CHECKING:
+    from .registry import Registry
 
 T = TypeVar("T")
 
@@ -255,6 +259,74 @@ def verify(data_dir: Path | None, database: str | None, blobs: str | None) -> No
                f"(octomil-lite gc removes them); {len(problems)} problem(s)")
     if problems:
         raise SystemExit(1)
+
+
+@main.command("export")
+@click.argument("models", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Export every model.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, allow_dash=True, path_type=Path),
+              help="The bundle to write ('-' for standard output).")
+@click.option("--formats", default=None, metavar="LIST",
+              help="Artifacts to carry, e.g. original,onnx [default: original and every ready conversion]. "
+                   "A version's original bytes are always included.")
+@data_dir_option
+def export_bundle(models: tuple[str, ...], everything: bool, output: Path, formats: str | None,
+                  data_dir: Path | None) -> None:
+    """Write MODELS (ids or names) with every version and artifact into one tar bundle."""
+    if everything == bool(models):
+        raise click.UsageError("name the models to export, or give --all (not both)")
+    config = Config(data_dir=data_dir or default_data_dir())
+
+    async def write(registry: Registry) -> tuple[int, int]:
+        plan = await transfer.plan_export(registry, None if everything else list(models), formats)
+        await asyncio.to_thread(_write_bundle, plan.chunks(registry.blobs.open), output)
+        return len(plan.files), plan.length()
+
+    files, size = _with_registry(config, write)
+    click.echo(f"exported {files} file(s), {human_size(size)} to {output}", err=True)
+
+
+def _write_bundle(chunks: Iterator[bytes], output: Path) -> None:
+    """Stream to OUTPUT.partial and rename it when complete, so a failed export leaves no file that looks whole."""
+    if str(output) == "-":
+        out = click.get_binary_stream("stdout")
+        for chunk in chunks:
+            out.write(chunk)
+        out.flush()
+        return
+    partial = output.with_name(output.name + ".partial")
+    try:
+        with open(partial, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(partial, output)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+
+
+@main.command("import")
+@click.argument("bundle", type=click.Path(dir_okay=False, allow_dash=True, path_type=Path))
+@data_dir_option
+def import_bundle(bundle: Path, data_dir: Path | None) -> None:
+    """Import a bundle ('-' for standard input): all of it, verified, or nothing."""
+    config = Config(data_dir=data_dir or default_data_dir())
+
+    async def read(registry: Registry) -> dict[str, int]:
+        if str(bundle) == "-":
+            return await transfer.import_bundle(registry.db, registry.blobs, click.get_binary_stream("stdin"))
+        with open(bundle, "rb") as source:
+            return await transfer.import_bundle(registry.db, registry.blobs, source)
+
+    try:
+        done = _with_registry(config, read)
+    except OSError as exc:
+        raise click.ClickException(f"cannot read {bundle}: {exc.strerror}") from None
+    click.echo(f"imported {done['models']} new model(s), {done['versions']} version(s) and {done['artifacts']} "
+               f"artifact(s) ({done['files']} file(s), {human_size(done["bytes"])}); {done['versions_present']} "
+               "version(s) were already here", err=True)
 
 
 for command in [*CLIENT_COMMANDS, *TRAINING_COMMANDS]:

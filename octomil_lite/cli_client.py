@@ -82,7 +82,7 @@ def _text(value: Any) -> str:
 
 def _table(headers: list[str], rows: list[list[str]]) -> None:
     """Print left-aligned columns as wide as their widest cell; the last column is not padded."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]  # rows may be empty
     for line in [headers, *rows]:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(line[:-1], widths, strict=False)) + "  " + line[-1])
 

@@ -45,3 +45,7 @@ class Config:
     max_link_age: int = 7 * 24 * 3600  # seconds; download-url refuses longer links, downloads refuse them too
     presigned_downloads: bool = False  # download-url hands out the object store's pre-signed URL
     conversion_lease: float = 60.0  # seconds a job stays claimed without a renewal from its process
+
+    def __post_init__(self) -> None:
+        # conversion children run in their own working directory: a relative data directory would not be found
+        object.__setattr__(self, "data_dir", self.data_dir.absolute())

@@ -111,6 +111,17 @@ class UploadedVersion(VersionFacts):
     formats: dict[str, str]
 
 
+class ImportSummary(Schema):
+    """What an import added: new models, versions and artifacts, and versions that were already here."""
+
+    models: int
+    versions: int
+    versions_present: int
+    artifacts: int
+    files: int
+    bytes: int
+
+
 class VersionDetail(VersionFacts):
     round_id: str | None
     accuracy: float | None

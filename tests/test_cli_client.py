@@ -68,6 +68,7 @@ def test_models_list_prints_a_table_or_json_of_every_model(cli: Cli) -> None:
     listed = json.loads(cli.ok("models", "list", "--framework", "pytorch", "--json"))
     assert [m["id"] for m in listed] == ids[::-1]
     assert json.loads(cli.ok("models", "list", "--framework", "pytorch", "--baseline", "--json")) == []
+    assert cli.ok("models", "list", "--framework", "pytorch", "--baseline").split() == table[0].split()  # headings
 
 
 def test_models_update_changes_the_given_fields(cli: Cli) -> None:

@@ -36,10 +36,10 @@ def _wing(module: str) -> str:
         return "root"
     if parts[1] in ("server", "storage", "convert"):
         return parts[1]
-    if parts[1] in ("cli", "cli_client", "cli_training", "client", "flower"):
+    if parts[1] in ("cli", "cli_client", "cli_training", "client", "flower", "__main__"):
         return "face"
     if parts[1] in ("registry", "maintenance", "federated", "aggregation", "lifecycle", "direct_uploads",
-                    "federations", "optimize", "usage"):
+                    "federations", "optimize", "usage", "bundles", "transfer"):
         return "domain"
     return "base"
 

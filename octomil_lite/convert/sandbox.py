@@ -58,12 +58,20 @@ def _child_env() -> dict[str, str]:
             **{k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}}
 
 
+def worker_command(task: str) -> list[str]:
+    """The argv of a worker child: a frozen build re-enters its own executable in the hidden worker mode
+    (octomil_lite/__main__.py), never a copy of code extracted elsewhere; otherwise this interpreter, isolated."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable, "__worker__", task]
+    return [sys.executable, "-I", "-m", "octomil_lite.convert.worker", task]
+
+
 async def run_task(task: str, payload: dict[str, Any], limits: Limits, workdir_parent: Path) -> dict[str, Any]:
     """Run `octomil_lite.convert.worker` TASK in a child; return the JSON object it prints."""
     workdir = Path(tempfile.mkdtemp(prefix="sandbox-", dir=workdir_parent))
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-m", "octomil_lite.convert.worker", task,
+            *worker_command(task),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
             cwd=workdir, env=_child_env(), preexec_fn=lambda: _preexec(limits),
         )

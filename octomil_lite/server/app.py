@@ -23,7 +23,7 @@ from ..convert.routes import available_conversions
 from ..errors import DISK_FULL, UNEXPECTED, BadRequest, Forbidden, OctomilError, RateLimited, Unauthorized
 from ..registry import KeyInfo, Registry
 from ..schemas import DOWNLOAD_FORMATS, FRAMEWORKS, ErrorBody
-from .controllers import ModelController, health, signed_download
+from .controllers import ModelController, health, import_bundle, signed_download
 from .federations import route_handlers as federation_routes
 from .lifecycle import VersionLifecycleController, signed_put
 from .training import DeviceController, TrainingController
@@ -223,7 +223,7 @@ def create_app(config: Config) -> Litestar:
 
     app = Litestar(
         route_handlers=[health, ModelController, VersionLifecycleController, DeviceController, TrainingController,
-                        signed_download, signed_put, *federation_routes, *web_routes],
+                        import_bundle, signed_download, signed_put, *federation_routes, *web_routes],
         lifespan=[lifespan],
         state=State({"rate_limiter": RateLimiter(config.rate_limit), "conversions": available_conversions()}),
         dependencies={"registry": Provide(provide_registry, sync_to_thread=False)},

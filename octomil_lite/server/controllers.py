@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -20,8 +21,9 @@ from litestar.openapi.spec import (
     Schema,
 )
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
+from litestar.response import Stream
 
-from .. import __version__
+from .. import __version__, transfer
 from ..errors import BadRequest
 from ..registry import Registry
 from ..schemas import (
@@ -31,6 +33,7 @@ from ..schemas import (
     ErrorBody,
     Framework,
     Health,
+    ImportSummary,
     Model,
     ModelDetail,
     ModelList,
@@ -40,7 +43,7 @@ from ..schemas import (
     VersionDetail,
 )
 from .responses import BlobResponse, blob_response
-from .uploads import FORM_OVERHEAD, boundary_of, receive_upload, too_large, upload_form
+from .uploads import FORM_OVERHEAD, BodyReader, boundary_of, receive_upload, too_large, upload_form
 
 T = TypeVar("T")
 
@@ -145,6 +148,26 @@ class SignedDownloadOperation(DownloadOperation):
 
 HOSTED = "Part of the hosted Octomil Models API (same path, fields and status codes). "
 HOSTED_SUMMARY = " (hosted API)"
+_FORMAT_LIST = r"^(original|onnx|tflite|coreml)(,(original|onnx|tflite|coreml))*$"
+_TAR = {"application/x-tar": OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY))}
+
+
+@dataclass
+class ExportOperation(Operation):
+    """An export answers with a tar bundle, not JSON."""
+
+    def __post_init__(self) -> None:
+        assert self.responses is not None
+        self.responses["200"] = OpenAPIResponse(description="A bundle (tar) of the model", content=_TAR)
+
+
+@dataclass
+class ImportOperation(Operation):
+    """An import's body is a tar bundle, read as it streams (any content type; documented as bytes)."""
+
+    def __post_init__(self) -> None:
+        self.request_body = RequestBody(required=True, content={"application/octet-stream": OpenAPIMediaType(
+            schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY))})
 
 
 class ModelController(Controller):
@@ -191,6 +214,17 @@ class ModelController(Controller):
             description="The bytes stay in the store until `octomil-lite gc` reclaims them.")
     async def delete_model(self, model_id: FromPath[str], registry: NamedDependency[Registry]) -> None:
         await registry.delete_model(model_id)
+
+    @get("/{model_id:str}/export", opt={"scope": "read"}, operation_class=ExportOperation, responses=_errors(),
+         tags=["downloads"], summary="Export the model as a bundle (tar) for another registry",
+         description="Streams the model, its versions and their ready formats, with a manifest of hashes.")
+    async def export(self, model_id: FromPath[str], registry: NamedDependency[Registry],
+                     formats: Annotated[str | None, QueryParameter(max_length=200, pattern=_FORMAT_LIST)] = None,
+                     ) -> Stream:
+        plan = await transfer.plan_export(registry, [model_id], formats)
+        return Stream(plan.chunks(registry.blobs.open), media_type="application/x-tar",
+                      headers={"content-length": str(plan.length()),
+                               "content-disposition": f'attachment; filename="{plan.model_ids[0]}.tar"'})
 
     @get("/{model_id:str}/versions/{version:str}", opt={"scope": "read"}, responses=_errors(), tags=["versions"],
          summary="Show one version and the status of each format",
@@ -274,6 +308,17 @@ async def signed_download(model_id: FromPath[str], version: FromPath[str], reque
     """A download-url link: no key, the signature is the permission."""
     await registry.check_signature(model_id, version, format, expires, signature)
     return await _serve(registry, request, model_id, version, format)
+
+
+@post("/api/v1/import", opt={"scope": "admin"}, status_code=200, request_max_body_size=None,
+      operation_class=ImportOperation, responses=_errors(409, 507), tags=["keys-health"],
+      summary="Import a bundle made by export",
+      description="Admin scope. Every file is verified before anything becomes visible; ids, numbers and "
+                  "labels are kept.")
+async def import_bundle(request: Request[Any, Any, Any], registry: NamedDependency[Registry]) -> ImportSummary:
+    """Import a bundle streamed as the body (curl -T models.tar): verified in full, then added in one go."""
+    body = BodyReader(_chunks(request), asyncio.get_running_loop())
+    return ImportSummary(**await transfer.import_bundle(registry.db, registry.blobs, body))
 
 
 @get("/health", opt={"public": True}, sync_to_thread=False, operation_class=PublicOperation, tags=["keys-health"],

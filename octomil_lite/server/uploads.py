@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -206,3 +208,30 @@ def upload_form(fields: dict[str, str]) -> UploadForm:
         architecture=_architecture(fields),
         status=_status(fields.get("status")),
     )
+
+
+class BodyReader(io.RawIOBase):
+    """A blocking file object over a streamed request body, for a parser running in a worker thread."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], loop: asyncio.AbstractEventLoop):
+        self._chunks = chunks
+        self._loop = loop
+        self._chunk = memoryview(b"")
+        self._done = False
+
+    async def _next(self) -> bytes:
+        return await anext(self._chunks)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        while not self._chunk and not self._done:
+            try:
+                self._chunk = memoryview(asyncio.run_coroutine_threadsafe(self._next(), self._loop).result())
+            except StopAsyncIteration:
+                self._done = True
+        n = min(len(buffer), len(self._chunk))
+        buffer[:n] = self._chunk[:n]
+        self._chunk = self._chunk[n:]
+        return n

@@ -25,6 +25,7 @@ Row = dict[str, Any]
 Recorder = Callable[[str, str, int], Awaitable[str]]
 # Makes a blob durable-and-visible inside the transaction that adds its row; an object store records its key.
 Publish = Callable[[Recorder], Awaitable[None]]
+Resolve = Callable[[Row], tuple[list[str], Row]]  # what is here -> (clashes, what to write); see transfer.py
 
 
 class StorageError(OctomilError):
@@ -207,6 +208,15 @@ class MetadataStore(TrainingStore, Protocol):
     async def count_events(self, counts: dict[tuple[int, str], int], when: str, max_names: int) -> None:
         """Add to each (model seq, event name) counter, at most `max_names` names a model (the rest: 'other')."""
     async def model_events(self, model_seq: int) -> list[Row]: ...
+
+    # bundles
+    async def bundle_rows(self, model_ids: list[str] | None, formats: list[str]) -> tuple[list[Row], list[Row],
+                                                                                         list[Row]]:
+        """(models, versions, ready artifacts in `formats`) of the given models, or of every model when None."""
+    async def import_models(self, models: list[Row], resolve: Resolve,
+                            publish: Publish | None) -> tuple[list[str], dict[str, int]]:
+        """In one write: read what is here of these models (rows with 'versions', each with 'artifacts'), let
+        `resolve` decide; with clashes write nothing and return them; `publish` None only checks."""
 
     # storage accounting (gc, verify)
     async def referenced_digests(self) -> set[str]: ...

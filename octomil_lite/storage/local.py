@@ -54,6 +54,20 @@ def sweep_dir(tmp: Path, older_than: float | None = None, dry_run: bool = False)
     return count, freed
 
 
+def _syncfs(path: Path) -> None:
+    """Flush every dirty page of the file system holding `path` (Linux syncfs), raising OSError on failure."""
+    import ctypes
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.syncfs(fd) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+    finally:
+        os.close(fd)
+
+
 class StagedBlob:
     """Bytes on their way into the store: hashed and written to tmp/ in the same pass."""
 
@@ -210,17 +224,8 @@ class LocalBlobStore:
         """
 
         def move() -> None:
-            final = self.path(staged.digest)
-            if final.parent.is_symlink():  # a planted link in place of a shard: never write through it
-                final.parent.unlink()
-            if final.is_file() and not final.is_symlink():
-                staged.path.unlink(missing_ok=True)
-                os.utime(final)  # a fresh mtime keeps a concurrent gc's grace period from taking it
-                return
-            final.parent.mkdir(exist_ok=True)
-            os.chmod(staged.path, 0o444)
-            os.replace(staged.path, final)
-            _fsync_dir(final.parent)
+            if (shard := self._place(staged)) is not None:
+                _fsync_dir(shard)
 
         try:
             await asyncio.to_thread(move)
@@ -228,6 +233,69 @@ class LocalBlobStore:
             await staged.discard()
             raise _storage_error(exc) from exc
         return staged.digest
+
+    def _place(self, staged: StagedBlob) -> Path | None:
+        """Rename finished bytes to their final path; return the shard directory to fsync (None: already stored)."""
+        final = self.path(staged.digest)
+        if final.parent.is_symlink():  # a planted link in place of a shard: never write through it
+            final.parent.unlink()
+        if final.is_file() and not final.is_symlink():
+            staged.path.unlink(missing_ok=True)
+            os.utime(final)  # a fresh mtime keeps a concurrent gc's grace period from taking it
+            return None
+        final.parent.mkdir(exist_ok=True)
+        os.chmod(staged.path, 0o444)
+        os.replace(staged.path, final)
+        return final.parent
+
+    async def commit_all(self, staged: list[StagedBlob]) -> None:
+        """Commit many received blobs at once: one syncfs makes all their bytes durable, then each shard directory
+        is fsynced once (one fsync per file costs ~0.5 ms, 5 s for 10,000 tiny files)."""
+
+        def move_all() -> None:
+            _syncfs(self.tmp)
+            shards = {shard for blob in staged if (shard := self._place(blob)) is not None}
+            for shard in shards:
+                _fsync_dir(shard)
+
+        try:
+            await asyncio.to_thread(move_all)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+
+    def receive(self, source: BinaryIO, size: int) -> StagedBlob:
+        """Copy exactly `size` bytes of a stream into tmp/, hashing them on the way (blocking: run it in a thread).
+
+        EOFError if the stream ends early; the temp file is gone after any failure. Not yet durable: commit_all
+        syncs them all at once.
+        """
+        path = self.tmp / f"receive-{os.getpid()}-{time.monotonic_ns()}-{os.urandom(4).hex()}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            raise _storage_error(exc) from exc
+        sha = hashlib.sha256()
+        try:
+            left = size
+            while left:
+                data = source.read(min(FLUSH_BYTES, left))
+                if not data:
+                    raise EOFError(f"the stream ended {left} bytes early")
+                sha.update(data)
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                left -= len(data)
+        except BaseException as exc:
+            path.unlink(missing_ok=True)
+            if isinstance(exc, OSError):
+                raise _storage_error(exc) from exc
+            raise
+        finally:
+            os.close(fd)
+        staged = StagedBlob(path, None)
+        staged.digest, staged.size = sha.hexdigest(), size
+        return staged
 
     async def stage_file(self, path: Path) -> StagedBlob:
         """Stage a finished file already under tmp/ (a conversion's output): hash and fsync it in place."""

@@ -18,6 +18,7 @@ from .secret import LinkSecret
 from .sqlite_schema import MIGRATIONS
 from .sqlite_sdk import _LATEST_JOIN, _MODEL_COLUMNS, SdkTables, _assignments, _insert
 from .training import TrainingQueries
+from .transfer import TransferQueries
 
 EXPORTED_TABLES = ("models", "versions", "artifacts", "api_keys")
 REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
@@ -84,7 +85,7 @@ def _recorder(conn: aiosqlite.Connection) -> Recorder:
     return record
 
 
-class SQLiteStore(TrainingQueries, SdkTables):
+class SQLiteStore(TrainingQueries, SdkTables, TransferQueries):
     """The registry's MetadataStore on SQLite; writes are serialised through one connection."""
 
     _recorder = staticmethod(_recorder)

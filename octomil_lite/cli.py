@@ -325,7 +325,7 @@ def import_bundle(bundle: Path, data_dir: Path | None) -> None:
     except OSError as exc:
         raise click.ClickException(f"cannot read {bundle}: {exc.strerror}") from None
     click.echo(f"imported {done['models']} new model(s), {done['versions']} version(s) and {done['artifacts']} "
-               f"artifact(s) ({done['files']} file(s), {human_size(done["bytes"])}); {done['versions_present']} "
+               f"artifact(s) ({done['files']} file(s), {human_size(done['bytes'])}); {done['versions_present']} "
                "version(s) were already here", err=True)
 
 

@@ -15,7 +15,7 @@ from . import __version__, maintenance, transfer
 from .auth import SCOPES
 from .cli_client import CLIENT_COMMANDS, INTERRUPTED
 from .cli_training import TRAINING_COMMANDS
-from .config import Config, default_data_dir, human_size
+from .config import LINK_AGE_CEILING, Config, default_data_dir, human_size
 from .errors import OctomilError
 
 if TYPE_CHECKING:
@@ -59,8 +59,8 @@ def _duration(value: str) -> int:
         seconds = int(float(text[:-1] if text[-1:] in units else text) * factor)
     except ValueError:
         raise click.BadParameter(f"'{value}' is not a duration (e.g. 7d, 12h, 3600)") from None
-    if seconds < 1:
-        raise click.BadParameter(f"'{value}' must be at least one second")
+    if not 1 <= seconds <= LINK_AGE_CEILING:
+        raise click.BadParameter(f"'{value}' must be between one second and {LINK_AGE_CEILING // 86400} days")
     return seconds
 
 

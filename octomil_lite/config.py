@@ -28,6 +28,10 @@ def default_data_dir() -> Path:
     return Path(xdg).expanduser() / "octomil-lite"
 
 
+# The longest --max-link-age accepted: the API schema states it, so a client can know it without asking.
+LINK_AGE_CEILING = 366 * 24 * 3600
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a running registry needs to know."""
@@ -42,7 +46,7 @@ class Config:
     conversion_workers: int = 1
     conversion_timeout: float = 900.0
     conversion_memory_bytes: int = 8 * GiB
-    max_link_age: int = 7 * 24 * 3600  # seconds; download-url refuses longer links, downloads refuse them too
+    max_link_age: int = 7 * 24 * 3600  # seconds (<= LINK_AGE_CEILING); longer links are refused
     presigned_downloads: bool = False  # download-url hands out the object store's pre-signed URL
     conversion_lease: float = 60.0  # seconds a job stays claimed without a renewal from its process
 

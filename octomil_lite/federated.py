@@ -33,7 +33,8 @@ from .schemas import (
 )
 
 if TYPE_CHECKING:
-    from .registry import KeyInfo, Registry
+    from .keys import KeyInfo
+    from .registry import Registry
 
 Row = dict[str, Any]
 MAX_UPDATE_BYTES = 64 * 1024 * 1024

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from . import auth, formats, storage
+from . import formats, storage
 from .config import Config
 from .convert import routes
 from .convert.pool import TARGETS, ConversionPool
@@ -25,6 +24,7 @@ from .direct_uploads import DirectUploads
 from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .federated import Federated
 from .federations import Federations
+from .keys import ApiKeys
 from .lifecycle import Lifecycle, UploadedFile, metrics_of, version_summary
 from .optimize import Optimizer
 from .schemas import (
@@ -42,7 +42,6 @@ from .schemas import (
 )
 from .storage import BlobStore, MetadataStore, Row, StagedBlob
 
-_KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PENDING_RETRY_AFTER = 2
 ON_REQUEST = "converted on the first download request"
 LINK_CLOCK_SLACK = 60  # seconds a link's expiry may exceed the limit (clock steps between signing and use)
@@ -63,12 +62,6 @@ class Artifact:
     @property
     def hash(self) -> str:
         return f"sha256:{self.digest}"
-
-
-@dataclass(frozen=True)
-class KeyInfo:
-    name: str
-    scope: str
 
 
 def _download_format(fmt: str | None) -> str:
@@ -94,7 +87,7 @@ def _format_status(a: Row) -> FormatStatus:
                         converter=a["converter"], updated_at=a["updated_at"])
 
 
-class Registry:
+class Registry(ApiKeys):
     """Models, versions, blobs, conversions and keys of one data directory."""
 
     def __init__(self, config: Config, db: MetadataStore, blobs: BlobStore):
@@ -400,43 +393,3 @@ class Registry:
     async def open_artifact(self, artifact: Artifact) -> storage.BlobSource:
         """Where to read the artifact's bytes from (a local file or a bucket object)."""
         return await self.blobs.open_source(artifact.digest)
-
-    # api keys
-
-    async def create_key(self, name: str, scope: str) -> str:
-        if not _KEY_NAME.fullmatch(name):
-            raise BadRequest("A key name is 1-64 characters: letters, digits, '.', '_' or '-'.")
-        if scope not in auth.SCOPES:
-            raise BadRequest(f"A key's scope is one of {', '.join(auth.SCOPES)}.")
-        key = auth.new_key()
-        try:
-            await self.db.insert_key({"name": name, "key_hash": auth.hash_key(key), "prefix": key[:8],
-                                      "scope": scope, "created_at": utc_now()})
-        except storage.Conflict:
-            raise Conflict(f"An active key named '{name}' already exists; revoke it or pick another name.") from None
-        return key
-
-    async def list_keys(self) -> list[Row]:
-        return await self.db.list_keys()
-
-    async def revoke_key(self, name: str) -> None:
-        if not await self.db.revoke_key(name, utc_now()):
-            raise NotFound(f"No active key named '{name}'.")
-
-    async def first_admin_key(self) -> str | None:
-        """On a registry with no active key, make one admin key (returned once); otherwise None."""
-        if await self.db.count_active_keys() > 0:
-            return None
-        try:
-            return await self.create_key("admin", "admin")
-        except Conflict:  # another server on the same database made it at the same moment
-            return None
-
-    async def authenticate(self, key: str) -> KeyInfo | None:
-        if not key.startswith(auth.KEY_PREFIX) or len(key) > 128:
-            return None
-        digest = auth.hash_key(key)
-        row = await self.db.find_key(digest)
-        if row is None or not hmac.compare_digest(row["key_hash"], digest):
-            return None
-        return KeyInfo(row["name"], row["scope"])

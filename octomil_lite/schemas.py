@@ -198,7 +198,8 @@ class CreateVersion(msgspec.Struct, kw_only=True):
     checksum: Annotated[str, msgspec.Meta(max_length=100)]
     size_bytes: Annotated[int, msgspec.Meta(ge=0)]
     description: Description | None = None
-    metrics: dict[MetricName, float] | None = None
+    # names checked like UpdateMetrics' in the domain; the schema cannot state a rule for keys here
+    metrics: dict[str, float] | None = None
     status: VersionStatus = "draft"
 
 

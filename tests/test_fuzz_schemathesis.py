@@ -36,7 +36,8 @@ def live(tmp_path_factory: pytest.TempPathFactory,
          sklearn_pickle: bytes) -> Iterator[tuple[Server, str, str, bytes, bytes]]:
     home = tmp_path_factory.mktemp("fuzz") / "data"
     key = make_key(home, "fuzz", "admin")
-    server = Server(home, "--rate-limit", "0", "--max-upload-size", "4M")
+    # the longest link age the schema allows, so every schema-valid expires_in is honoured
+    server = Server(home, "--rate-limit", "0", "--max-upload-size", "4M", "--max-link-age", "366d")
     try:
         with httpx.Client(base_url=server.url, headers=bearer(key), timeout=30) as client:
             model_id = client.post("/api/v1/models", json={"framework": "sklearn"}).json()["id"]

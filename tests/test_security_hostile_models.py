@@ -101,8 +101,10 @@ class Scene:
     attacks: dict[str, Attack] = field(default_factory=dict)
 
     def upload(self, name: str, content: bytes, filename: str, framework: str, **fields: str) -> None:
+        # a model's framework is one of the hosted API's four; a LightGBM upload lives under an sklearn model
         model = self.client.post("/api/v1/models", json={"name": f"attack-{len(self.attacks)}",
-                                                         "framework": framework}, headers=self.attacker)
+                                                         "framework": "sklearn" if framework == "lightgbm"
+                                                         else framework}, headers=self.attacker)
         assert model.status_code == 201, model.text
         resp = self.client.post(f"/api/v1/models/{model.json()['id']}/versions/upload", headers=self.attacker,
                                 files={"file": (filename, content)}, data={"format": framework, **fields})
@@ -214,7 +216,8 @@ def _pickle_gadgets(scene: Scene) -> dict[str, bytes]:
 
 def _upload_pickles(scene: Scene) -> None:
     for name, data in _pickle_gadgets(scene).items():
-        scene.upload(name, data, "model.pkl", "sklearn")
+        # a pickle whose classes name LightGBM must say so: a contradicting format is refused at upload
+        scene.upload(name, data, "model.pkl", "lightgbm" if b"lightgbm" in data else "sklearn")
     import joblib
 
     payload = np.empty(1, dtype=object)

@@ -21,7 +21,8 @@ from ..auth import RateLimiter, scope_allows
 from ..config import Config, human_size
 from ..convert.routes import available_conversions
 from ..errors import DISK_FULL, UNEXPECTED, BadRequest, Forbidden, OctomilError, RateLimited, Unauthorized
-from ..registry import KeyInfo, Registry
+from ..keys import KeyInfo
+from ..registry import Registry
 from ..schemas import DOWNLOAD_FORMATS, FRAMEWORKS, ErrorBody
 from .controllers import ModelController, health, import_bundle, signed_download
 from .federations import route_handlers as federation_routes

@@ -24,6 +24,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
 
 from .. import __version__, transfer
+from ..config import LINK_AGE_CEILING
 from ..errors import BadRequest
 from ..registry import Registry
 from ..schemas import (
@@ -273,8 +274,8 @@ class ModelController(Controller):
     async def download_url(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
                            registry: NamedDependency[Registry], format: FromQuery[DownloadFormat | None] = None,
                            expires_in: Annotated[int, QueryParameter(
-                               ge=1, description="Seconds the link is valid; at most the server's --max-link-age "
-                               "(7 days by default), longer is a 400.")] = 3600) -> SignedUrl:
+                               ge=1, le=LINK_AGE_CEILING, description="Seconds the link is valid; at most the "
+                               "server's --max-link-age (7 days by default), longer is a 400.")] = 3600) -> SignedUrl:
         path, expires_at = await registry.sign_download(model_id, version, format, expires_in)
         url = path if path.startswith(("http://", "https://")) else str(request.base_url).rstrip("/") + path
         return SignedUrl(url=url, expires_at=expires_at)

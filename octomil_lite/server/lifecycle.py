@@ -33,7 +33,7 @@ from .uploads import receive_raw, too_large, upload_form
 class UploadUrlForm(msgspec.Struct, kw_only=True):
     """Form fields of POST .../versions/upload-url, as newer Octomil SDKs send them."""
 
-    version: str | None = None
+    version: Annotated[str, msgspec.Meta(pattern=r"\S", max_length=100, description="The version's label")]
     filename: str | None = None
     content_type: str | None = None
 

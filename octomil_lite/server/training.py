@@ -11,7 +11,8 @@ from litestar.params import FromPath, JSONBody, QueryParameter
 
 from ..errors import BadRequest
 from ..federated import NOT_HOSTED, WEIGHTS_BODY_LIMIT, NotImplementedByLite
-from ..registry import KeyInfo, Registry
+from ..keys import KeyInfo
+from ..registry import Registry
 from ..schemas import (
     Aggregate,
     Heartbeat,

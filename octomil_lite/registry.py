@@ -22,7 +22,7 @@ from .convert.pool import TARGETS, ConversionPool
 from .convert.quantize import QUANTIZED
 from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
 from .direct_uploads import DirectUploads
-from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
+from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .federated import Federated
 from .federations import Federations
 from .lifecycle import Lifecycle, UploadedFile, metrics_of, version_summary

@@ -25,6 +25,8 @@ Row = dict[str, Any]
 Recorder = Callable[[str, str, int], Awaitable[str]]
 # Makes a blob durable-and-visible inside the transaction that adds its row; an object store records its key.
 Publish = Callable[[Recorder], Awaitable[None]]
+# The tables `migrate` copies from one metadata store to another (export_rows -> import_rows).
+EXPORTED_TABLES = ("models", "versions", "artifacts", "api_keys")
 
 
 class StorageError(OctomilError):

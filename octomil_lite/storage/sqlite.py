@@ -13,13 +13,12 @@ from typing import Any
 import aiosqlite
 
 from ..errors import DISK_FULL
-from . import Conflict, Publish, Recorder, Row, StorageError, StorageFull
+from . import EXPORTED_TABLES, Conflict, Publish, Recorder, Row, StorageError, StorageFull
 from .secret import LinkSecret
 from .sqlite_schema import MIGRATIONS
 from .sqlite_sdk import _LATEST_JOIN, _MODEL_COLUMNS, SdkTables, _assignments, _insert
 from .training import TrainingQueries
 
-EXPORTED_TABLES = ("models", "versions", "artifacts", "api_keys")
 REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
               "UNION SELECT digest FROM training_updates")
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from octomil_lite import storage
@@ -216,3 +220,38 @@ async def test_training_rows_devices_rounds_updates_and_their_blobs(metadata_sto
     assert [u["status"] for u in await db.list_updates(device_seq=device["seq"])] == ["aggregated"]
     assert await db.insert_aggregate(999, {**VERSION, "round_id": "x"}, [], _nothing_to_publish, None,
                                      round_row["seq"], {}, []) is None
+
+
+async def test_migrate_rows_carry_every_table_into_postgres(tmp_path: Path, postgres: Any) -> None:
+    """export_rows -> import_rows (what `migrate` does) keeps ids, training rows, federations and counters."""
+    from octomil_lite.storage.postgres import PostgresStore
+    from octomil_lite.storage.sqlite import SQLiteStore
+
+    src = await SQLiteStore.open(tmp_path / "registry.sqlite3")
+    dst = await PostgresStore.open(await asyncio.to_thread(postgres.new_database))
+    try:
+        seq = await _new_model(src)
+        await src.insert_version(seq, {**VERSION, "metrics": '{"auc": 0.5}'}, {}, [], _nothing_to_publish)
+        base = await src.get_version(seq)
+        assert base is not None
+        device = await src.register_device(DEVICE, {"last_seen_at": "t"})
+        await src.insert_round({"id": "r", "model_seq": seq, "base_version_seq": base["seq"], "source": "api",
+                                "status": "open", "config": "{}", "created_at": "t"})
+        await src.insert_update({"id": "u", "model_seq": seq, "base_version_seq": base["seq"], "round_seq": 1,
+                                 "device_seq": device["seq"], "update_format": "npz", "encoding": "weights",
+                                 "digest": "b" * 64, "size": 7, "sample_count": 5, "metrics": "{}",
+                                 "status": "pending", "submitted_at": "t"}, _nothing_to_publish)
+        await src.insert_federation({"id": "f", "name": "fed", "description": None, "org_id": "o", "created_at": "t"})
+        await src.attach_model(1, seq, "t")
+        await src.count_events({(seq, "a"): 2}, "t", 10)
+        rows = await src.export_rows()
+        added = await dst.import_rows(rows, b"s" * 32)
+        assert added == {table: len(found) for table, found in rows.items()}
+        assert await dst.export_rows() == rows
+        assert await dst.import_rows(rows, b"s" * 32) == dict.fromkeys(rows, 0)  # a repeated run adds nothing
+        assert "b" * 64 in await dst.referenced_digests()
+        await dst.insert_federation({"id": "g", "name": "g", "description": None, "org_id": "o", "created_at": "t"})
+        assert (await dst.get_federation("g") or {})["seq"] == 2  # identities continue after the copied rows
+    finally:
+        await src.close()
+        await dst.close()

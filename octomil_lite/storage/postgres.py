@@ -288,7 +288,8 @@ class PostgresStore(PostgresTrainingQueries, PostgresSdkTables):
 
     async def export_rows(self) -> dict[str, list[Row]]:
         """Every row of the registry's tables, for `migrate`."""
-        return {table: await self._all(f"SELECT * FROM {table} ORDER BY seq") for table in EXPORTED_TABLES}
+        # Column 1 is seq, or the first half of the key of a table without one.
+        return {table: await self._all(f"SELECT * FROM {table} ORDER BY 1, 2") for table in EXPORTED_TABLES}
 
     async def publish_blob(self, publish: Publish) -> None:
         """Publish a blob with no row of its own yet (`migrate` copies bytes before the rows naming them)."""
@@ -309,8 +310,9 @@ class PostgresStore(PostgresTrainingQueries, PostgresSdkTables):
                     sql, params = _insert(table, row)
                     sql = sql.replace(") VALUES (", ") OVERRIDING SYSTEM VALUE VALUES (") + " ON CONFLICT DO NOTHING"
                     added[table] += await conn.execute(sql, *params) != "INSERT 0 0"
-                await conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'), "
-                                   f"GREATEST((SELECT max(seq) FROM {table}), 1))")
+                if rows and "seq" in rows[0]:
+                    await conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'), "
+                                       f"GREATEST((SELECT max(seq) FROM {table}), 1))")
             await conn.execute("INSERT INTO settings (name, value) VALUES ('link_secret', $1) "
                                "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", secret)
         return added

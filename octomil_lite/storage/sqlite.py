@@ -314,7 +314,8 @@ class SQLiteStore(TrainingQueries, SdkTables):
 
     async def export_rows(self) -> dict[str, list[Row]]:
         """Every row of the registry's tables, for `migrate`."""
-        return {table: await self._all(f"SELECT * FROM {table} ORDER BY seq") for table in EXPORTED_TABLES}
+        # Column 1 is seq, or the first half of the key of a table without one.
+        return {table: await self._all(f"SELECT * FROM {table} ORDER BY 1, 2") for table in EXPORTED_TABLES}
 
     async def link_secret(self) -> bytes:
         """The signing key for download links, a file beside the database readable only by its owner; a file

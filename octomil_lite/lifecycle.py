@@ -123,14 +123,15 @@ class Lifecycle:
         if is_storage_key(req.storage_path):
             return await self.confirm_upload(model_id, req.storage_path, req.size_bytes, form, digest)
         stored = req.storage_path.rsplit("/", 1)[-1].lower().removeprefix("sha256:")
-        if not re.fullmatch(r"[0-9a-f]{64}", stored) or not self.registry.blobs.exists(stored):
+        if not re.fullmatch(r"[0-9a-f]{64}", stored) or not await self.registry.blobs.has(stored):
             raise BadRequest("Field 'storage_path' must name bytes already in this registry: a storage_key from "
                              "upload-url (after its PUT) or a stored blob (model_path, sha256:<hex>).")
         if stored != digest:
             raise BadRequest(f"Field 'checksum' (sha256:{digest}) does not match the stored bytes (sha256:{stored}).")
         blobs = self.registry.blobs
         link = blobs.tmp / f"register-{stored}-{secrets.token_hex(4)}"
-        await asyncio.to_thread(os.link, blobs.path(stored), link)  # discarding the link never touches the blob
+        async with blobs.local_copy(stored) as source:  # the blob itself (directory) or a download (bucket)
+            await asyncio.to_thread(os.link, source, link)  # discarding the link never touches the blob
         staged = await blobs.stage_file(link)
         try:
             if staged.size != req.size_bytes:

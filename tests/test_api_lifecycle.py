@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
+import pytest
 from conftest import Api
+
+pytestmark = pytest.mark.backends  # every test here runs on SQLite + directory and on PostgreSQL + S3
 
 
 async def _versions(api: Api, model_id: str, **params: str) -> dict:

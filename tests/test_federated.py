@@ -13,6 +13,8 @@ from conftest import Api, bearer
 
 from octomil_lite import federated
 
+pytestmark = pytest.mark.backends  # every test here runs on SQLite + directory and on PostgreSQL + S3
+
 BASE = {"w": np.arange(6, dtype=np.float32).reshape(2, 3) / 10, "b": np.array([1.0, -1.0], dtype=np.float32)}
 
 
@@ -51,8 +53,8 @@ async def npz_model(api: Api, name: str) -> str:
     return str(model["id"])
 
 
-def blob_count(api: Api) -> int:
-    return sum(1 for p in api.registry.blobs.root.rglob("*") if p.is_file())
+async def blob_count(api: Api) -> int:
+    return len(await api.blobs())
 
 
 async def test_register_is_idempotent_and_device_keys_are_narrow(api: Api) -> None:
@@ -194,7 +196,7 @@ async def test_bad_updates_are_400_and_never_stored(api: Api, monkeypatch: pytes
     model_id = await npz_model(api, "bad")
     key = await device_key(api, "dev")
     device_id = (await register(api, key, "d"))["id"]
-    before = blob_count(api)
+    before = await blob_count(api)
     cases = {
         "not base64": ("%%%", None),
         "not weights": (b64(b"hello world"), "np.save"),
@@ -215,7 +217,7 @@ async def test_bad_updates_are_400_and_never_stored(api: Api, monkeypatch: pytes
     monkeypatch.setattr(federated, "MAX_UPDATE_BYTES", 100)
     resp = await submit(api, key, device_id, model_id, npz(BASE), 5)
     assert resp.status_code == 400 and "limited to 100 bytes" in resp.json()["message"]
-    assert blob_count(api) == before
+    assert await blob_count(api) == before
     assert list(api.registry.blobs.tmp.iterdir()) == []
     assert await api.on_app(api.registry.db.list_updates) == []
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from typing import Any
+
 import pytest
 
 from octomil_lite import storage
@@ -160,3 +164,94 @@ async def test_federations_and_event_counters(metadata_store: MetadataStore) -> 
     await db.count_events({(seq, "a"): 1, (seq, "d"): 1}, "u", 3)
     counts = {e["name"]: e["count"] for e in await db.model_events(seq)}
     assert counts == {"a": 3, "b": 1, "other": 2}
+
+
+async def test_names_match_ignoring_ascii_case_only_exact_first(metadata_store: MetadataStore) -> None:
+    db = metadata_store
+    for model_id, name in (("a", "Mnist"), ("b", "mnist"), ("c", "ÉTÉ")):
+        await db.insert_model({"id": model_id, "name": name, "created_at": "t"})
+    assert (await db.find_model_nocase("mnist") or {})["id"] == "b"
+    assert (await db.find_model_nocase("MNIST") or {})["id"] == "a"  # no exact match: the oldest
+    assert (await db.find_model_nocase("éTÉ")) is None  # NOCASE folds ASCII letters only
+
+
+DEVICE = {"id": "d1", "identifier": "laptop", "key_name": "k", "metadata": "{}", "capabilities": "{}",
+          "status": "active", "registered_at": "t", "last_seen_at": "t"}
+
+
+async def test_training_rows_devices_rounds_updates_and_their_blobs(metadata_store: MetadataStore) -> None:
+    db = metadata_store
+    seq = await _new_model(db)
+    await db.insert_version(seq, VERSION, {}, [], _nothing_to_publish)
+    base = await db.get_version(seq)
+    assert base is not None
+    device = await db.register_device(DEVICE, {"last_seen_at": "u"})
+    again = await db.register_device({**DEVICE, "id": "d2"}, {"last_seen_at": "v"})
+    assert again["seq"] == device["seq"] and again["id"] == "d1" and again["last_seen_at"] == "v"
+    await db.insert_round({"id": "r", "model_seq": seq, "base_version_seq": base["seq"], "source": "api",
+                           "status": "open", "config": "{}", "created_at": "t"})
+    round_row = await db.get_round("r")
+    assert round_row is not None
+    update = {"id": "u1", "model_seq": seq, "base_version_seq": base["seq"], "round_seq": round_row["seq"],
+              "device_seq": device["seq"], "update_format": "npz", "encoding": "weights", "digest": "b" * 64,
+              "size": 7, "sample_count": 5, "metrics": "{}", "status": "pending", "submitted_at": "t"}
+    published = []
+
+    async def publish(record: storage.Recorder) -> None:
+        published.append(record)
+
+    await db.insert_update(update, publish)
+    retried = await db.insert_update({**update, "id": "u2"}, publish)
+    assert retried["id"] == "u1" and len(published) == 1  # a client's retry stores nothing new
+    assert "b" * 64 in await db.referenced_digests()  # gc keeps update blobs
+    assert any(r["digest"] == "b" * 64 for r in await db.stored_references())
+    counted = await db.get_round("r")
+    assert counted is not None and (counted["update_count"], counted["device_count"], counted["sample_total"]) == (
+        1, 1, 5)
+    assert [r["id"] for r in await db.list_rounds(seq, "open")] == ["r"]
+    assert await db.update_round(round_row["seq"], {"status": "aggregating"}, only_status="open")
+    assert not await db.update_round(round_row["seq"], {"status": "aggregating"}, only_status="open")
+    [stored] = await db.list_updates(round_seq=round_row["seq"], status="pending")
+    number = await db.insert_aggregate(seq, {**VERSION, "digest": "c" * 64, "round_id": "r"}, [], _nothing_to_publish,
+                                       None, round_row["seq"], {"status": "completed"}, [stored["seq"]])
+    assert number == 2
+    done = await db.get_round("r")
+    assert done is not None and done["status"] == "completed" and done["result_number"] == 2
+    assert [u["status"] for u in await db.list_updates(device_seq=device["seq"])] == ["aggregated"]
+    assert await db.insert_aggregate(999, {**VERSION, "round_id": "x"}, [], _nothing_to_publish, None,
+                                     round_row["seq"], {}, []) is None
+
+
+async def test_migrate_rows_carry_every_table_into_postgres(tmp_path: Path, postgres: Any) -> None:
+    """export_rows -> import_rows (what `migrate` does) keeps ids, training rows, federations and counters."""
+    from octomil_lite.storage.postgres import PostgresStore
+    from octomil_lite.storage.sqlite import SQLiteStore
+
+    src = await SQLiteStore.open(tmp_path / "registry.sqlite3")
+    dst = await PostgresStore.open(await asyncio.to_thread(postgres.new_database))
+    try:
+        seq = await _new_model(src)
+        await src.insert_version(seq, {**VERSION, "metrics": '{"auc": 0.5}'}, {}, [], _nothing_to_publish)
+        base = await src.get_version(seq)
+        assert base is not None
+        device = await src.register_device(DEVICE, {"last_seen_at": "t"})
+        await src.insert_round({"id": "r", "model_seq": seq, "base_version_seq": base["seq"], "source": "api",
+                                "status": "open", "config": "{}", "created_at": "t"})
+        await src.insert_update({"id": "u", "model_seq": seq, "base_version_seq": base["seq"], "round_seq": 1,
+                                 "device_seq": device["seq"], "update_format": "npz", "encoding": "weights",
+                                 "digest": "b" * 64, "size": 7, "sample_count": 5, "metrics": "{}",
+                                 "status": "pending", "submitted_at": "t"}, _nothing_to_publish)
+        await src.insert_federation({"id": "f", "name": "fed", "description": None, "org_id": "o", "created_at": "t"})
+        await src.attach_model(1, seq, "t")
+        await src.count_events({(seq, "a"): 2}, "t", 10)
+        rows = await src.export_rows()
+        added = await dst.import_rows(rows, b"s" * 32)
+        assert added == {table: len(found) for table, found in rows.items()}
+        assert await dst.export_rows() == rows
+        assert await dst.import_rows(rows, b"s" * 32) == dict.fromkeys(rows, 0)  # a repeated run adds nothing
+        assert "b" * 64 in await dst.referenced_digests()
+        await dst.insert_federation({"id": "g", "name": "g", "description": None, "org_id": "o", "created_at": "t"})
+        assert (await dst.get_federation("g") or {})["seq"] == 2  # identities continue after the copied rows
+    finally:
+        await src.close()
+        await dst.close()

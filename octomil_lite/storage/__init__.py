@@ -26,6 +26,10 @@ Recorder = Callable[[str, str, int], Awaitable[str]]
 # Makes a blob durable-and-visible inside the transaction that adds its row; an object store records its key.
 Publish = Callable[[Recorder], Awaitable[None]]
 Resolve = Callable[[Row], tuple[list[str], Row]]  # what is here -> (clashes, what to write); see transfer.py
+# The tables `migrate` copies from one metadata store to another (export_rows -> import_rows), parents first;
+# direct_uploads stay behind (their half-done bytes live in the source's tmp/).
+EXPORTED_TABLES = ("models", "versions", "artifacts", "api_keys", "devices", "training_rounds", "training_updates",
+                   "federations", "federation_models", "model_events")
 
 
 class StorageError(OctomilError):

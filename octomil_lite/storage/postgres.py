@@ -2,58 +2,28 @@
 
 from __future__ import annotations
 
-import functools
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any
 
-from . import Conflict, Publish, Recorder, Row, StorageError
+from . import EXPORTED_TABLES, Publish, Recorder, Row, StorageError
+from .postgres_schema import MIGRATIONS
+from .postgres_sdk import (
+    _LATEST_JOIN,
+    _MODEL_COLUMNS,
+    _NOW,
+    PostgresSdkTables,
+    _assignments,
+    _insert,
+    _translated,
+)
+from .postgres_training import PostgresTrainingQueries
 
-REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
-
-from .postgres_schema import MIGRATIONS  # noqa: E402
-
-_MODEL_COLUMNS = """
-    m.seq, m.id, m.name, m.use_case, m.framework, m.framework_version, m.description, m.is_baseline, m.round_id,
-    m.accuracy, m.loss, m.created_at, v.digest AS digest, v.size AS size
-"""
-_LATEST_JOIN = """
-    LEFT JOIN versions v ON v.seq = (SELECT seq FROM versions WHERE model_seq = m.seq ORDER BY number DESC LIMIT 1)
-"""
-_NOW = "extract(epoch from clock_timestamp())"
+REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
+              "UNION SELECT digest FROM training_updates")
 # Serialises schema upgrades of concurrently starting servers.
 _MIGRATION_LOCK = 0x6F6D6C
-
-
-def _insert(table: str, row: Row, returning: str = "") -> tuple[str, list[Any]]:
-    placeholders = ", ".join(f"${i}" for i in range(1, len(row) + 1))
-    sql = f"INSERT INTO {table} ({', '.join(row)}) VALUES ({placeholders}){returning}"
-    return sql, list(row.values())
-
-
-def _assignments(fields: Row, start: int = 1) -> str:
-    return ", ".join(f"{name} = ${i}" for i, name in enumerate(fields, start=start))
-
-
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-
-def _translated(method: F) -> F:
-    """asyncpg's unique violations leave this module as the storage Conflict the registry knows."""
-
-    @functools.wraps(method)
-    async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        import asyncpg
-
-        try:
-            return await method(*args, **kwargs)
-        except asyncpg.UniqueViolationError as exc:
-            raise Conflict("The change clashes with a stored name, label or key; nothing was written.") from exc
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StorageError(f"The PostgreSQL database failed: {str(exc)[:300]}") from exc
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _recorder(conn: Any) -> Recorder:
@@ -68,8 +38,10 @@ def _recorder(conn: Any) -> Recorder:
     return record
 
 
-class PostgresStore:
+class PostgresStore(PostgresTrainingQueries, PostgresSdkTables):
     """The registry's metadata store on PostgreSQL: a connection pool; row locks order concurrent writers."""
+
+    _recorder = staticmethod(_recorder)
 
     def __init__(self, pool: Any):
         self._pool = pool
@@ -155,29 +127,40 @@ class PostgresStore:
             return await self._one("SELECT * FROM versions WHERE model_seq = $1 AND number = $2", (model_seq, number))
         if label is not None:
             return await self._one("SELECT * FROM versions WHERE model_seq = $1 AND label = $2", (model_seq, label))
-        return await self._one("SELECT * FROM versions WHERE model_seq = $1 ORDER BY number DESC LIMIT 1",
-                               (model_seq,))
+        return await self._one("SELECT * FROM versions WHERE model_seq = $1 AND status = 'published' "
+                               "ORDER BY number DESC LIMIT 1", (model_seq,))
+
+    @_translated
+    async def update_version(self, version_seq: int, fields: Row) -> None:
+        await self._pool.execute(f"UPDATE versions SET {_assignments(fields)} WHERE seq = ${len(fields) + 1}",
+                                 *fields.values(), version_seq)
 
     @_translated
     async def insert_version(self, model_seq: int, row: Row, model_fields: Row, artifacts: list[Row],
                              publish: Publish) -> int | None:
         """Number, publish and insert in one transaction: the model row's lock orders concurrent uploads."""
         async with self.transaction() as conn:
-            number = await conn.fetchval(
-                "UPDATE models SET next_version = next_version + 1 WHERE seq = $1 RETURNING next_version - 1",
-                model_seq)
-            if number is None:
-                return None
-            await publish(_recorder(conn))
-            sql, params = _insert("versions", {"model_seq": model_seq, "number": number, **row}, " RETURNING seq")
-            version_seq = await conn.fetchval(sql, *params)
-            if model_fields:
-                await conn.execute(f"UPDATE models SET {_assignments(model_fields)} WHERE seq = "
-                                   f"${len(model_fields) + 1}", *model_fields.values(), model_seq)
-            for artifact in artifacts:
-                sql, params = _insert("artifacts", {"version_seq": version_seq, **artifact})
-                await conn.execute(sql, *params)
-            return int(number)
+            added = await self._add_version(conn, model_seq, row, model_fields, artifacts, publish)
+            return added[0] if added else None
+
+    @staticmethod
+    async def _add_version(conn: Any, model_seq: int, row: Row, model_fields: Row, artifacts: list[Row],
+                           publish: Publish) -> tuple[int, int] | None:
+        """Inside a transaction: the model's next version (number, row seq), or None if the model is gone."""
+        number = await conn.fetchval(
+            "UPDATE models SET next_version = next_version + 1 WHERE seq = $1 RETURNING next_version - 1", model_seq)
+        if number is None:
+            return None
+        await publish(_recorder(conn))
+        sql, params = _insert("versions", {"model_seq": model_seq, "number": number, **row}, " RETURNING seq")
+        version_seq = await conn.fetchval(sql, *params)
+        if model_fields:
+            await conn.execute(f"UPDATE models SET {_assignments(model_fields)} WHERE seq = ${len(model_fields) + 1}",
+                               *model_fields.values(), model_seq)
+        for artifact in artifacts:
+            sql, params = _insert("artifacts", {"version_seq": version_seq, **artifact})
+            await conn.execute(sql, *params)
+        return int(number), int(version_seq)
 
     async def delete_version(self, version_seq: int) -> bool:
         return await self._pool.execute("DELETE FROM versions WHERE seq = $1", version_seq) != "DELETE 0"
@@ -281,7 +264,7 @@ class PostgresStore:
     async def delete_unreferenced(self, candidates: set[str], delete: Any) -> tuple[int, int]:
         """A local blob directory with PostgreSQL metadata: delete candidates still unused, under a table lock."""
         async with self.transaction() as conn:
-            await conn.execute("LOCK TABLE versions, artifacts IN SHARE MODE")
+            await conn.execute("LOCK TABLE versions, artifacts, training_updates IN SHARE MODE")
             referenced = {r["digest"] for r in await conn.fetch(REFERENCED)}
             doomed = candidates - referenced
             return len(doomed), sum(delete(digest) for digest in doomed)
@@ -292,7 +275,9 @@ class PostgresStore:
             "JOIN models m ON m.seq = v.model_seq UNION ALL "
             "SELECT m.id, v.number, a.format, a.digest, a.size FROM artifacts a "
             "JOIN versions v ON v.seq = a.version_seq "
-            "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL")
+            "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL UNION ALL "
+            "SELECT m.id, v.number, 'training update ' || u.id, u.digest, u.size FROM training_updates u "
+            "JOIN versions v ON v.seq = u.base_version_seq JOIN models m ON m.seq = u.model_seq")
 
     async def integrity_check(self) -> str:
         missing = await self._pool.fetchval(
@@ -300,6 +285,11 @@ class PostgresStore:
         return "ok" if missing == 0 else f"{missing} version row(s) without a model"
 
     # the download-link secret, one for every process
+
+    async def export_rows(self) -> dict[str, list[Row]]:
+        """Every row of the registry's tables, for `migrate`."""
+        # Column 1 is seq, or the first half of the key of a table without one.
+        return {table: await self._all(f"SELECT * FROM {table} ORDER BY 1, 2") for table in EXPORTED_TABLES}
 
     async def publish_blob(self, publish: Publish) -> None:
         """Publish a blob with no row of its own yet (`migrate` copies bytes before the rows naming them)."""
@@ -320,8 +310,9 @@ class PostgresStore:
                     sql, params = _insert(table, row)
                     sql = sql.replace(") VALUES (", ") OVERRIDING SYSTEM VALUE VALUES (") + " ON CONFLICT DO NOTHING"
                     added[table] += await conn.execute(sql, *params) != "INSERT 0 0"
-                await conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'), "
-                                   f"GREATEST((SELECT max(seq) FROM {table}), 1))")
+                if rows and "seq" in rows[0]:
+                    await conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'seq'), "
+                                       f"GREATEST((SELECT max(seq) FROM {table}), 1))")
             await conn.execute("INSERT INTO settings (name, value) VALUES ('link_secret', $1) "
                                "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", secret)
         return added

@@ -86,4 +86,100 @@ MIGRATIONS: list[str] = [
         value BYTEA NOT NULL
     );
     """,
+    # 2: federated learning (storage/postgres_training.py), SQLite's migration 3.
+    """
+    CREATE TABLE devices (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        identifier TEXT NOT NULL UNIQUE,
+        key_name TEXT NOT NULL,
+        platform TEXT,
+        os_version TEXT,
+        sdk_version TEXT,
+        app_version TEXT,
+        metadata TEXT NOT NULL,
+        capabilities TEXT NOT NULL,
+        status TEXT NOT NULL,
+        registered_at TEXT NOT NULL,
+        last_seen_at TEXT NOT NULL
+    );
+    CREATE TABLE training_rounds (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        model_seq BIGINT NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
+        base_version_seq BIGINT REFERENCES versions(seq) ON DELETE SET NULL,
+        source TEXT NOT NULL,
+        status TEXT NOT NULL,
+        config TEXT NOT NULL,
+        deadline TEXT,
+        created_at TEXT NOT NULL,
+        closed_at TEXT,
+        result_version_seq BIGINT REFERENCES versions(seq) ON DELETE SET NULL,
+        metrics TEXT,
+        participants TEXT,
+        provenance TEXT
+    );
+    CREATE INDEX training_rounds_by_model ON training_rounds(model_seq, seq);
+    CREATE INDEX training_rounds_by_status ON training_rounds(status, seq);
+    CREATE TABLE training_updates (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        model_seq BIGINT NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
+        base_version_seq BIGINT NOT NULL REFERENCES versions(seq) ON DELETE CASCADE,
+        round_seq BIGINT REFERENCES training_rounds(seq) ON DELETE CASCADE,
+        device_seq BIGINT NOT NULL REFERENCES devices(seq) ON DELETE CASCADE,
+        update_format TEXT NOT NULL,
+        encoding TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        sample_count BIGINT NOT NULL,
+        metrics TEXT NOT NULL,
+        status TEXT NOT NULL,
+        aggregated_into BIGINT REFERENCES training_rounds(seq) ON DELETE SET NULL,
+        submitted_at TEXT NOT NULL
+    );
+    CREATE INDEX training_updates_by_base ON training_updates(base_version_seq, status);
+    CREATE INDEX training_updates_by_round ON training_updates(round_seq, seq);
+    CREATE INDEX training_updates_by_digest ON training_updates(digest);
+    CREATE INDEX training_updates_by_device ON training_updates(device_seq, round_seq);
+    CREATE UNIQUE INDEX training_updates_once ON training_updates(device_seq, base_version_seq, digest);
+    """,
+    # 3: Octomil SDK surface (issue 16), SQLite's migration 4; existing versions were downloadable: published.
+    """
+    ALTER TABLE versions ADD COLUMN status TEXT NOT NULL DEFAULT 'published';
+    ALTER TABLE versions ADD COLUMN metrics TEXT;
+    CREATE INDEX versions_by_status ON versions(model_seq, status, number);
+    ALTER TABLE models ADD COLUMN architecture TEXT;
+    CREATE TABLE direct_uploads (
+        storage_key TEXT PRIMARY KEY,
+        model_seq BIGINT NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
+        label TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        expires BIGINT NOT NULL,
+        state TEXT NOT NULL,
+        digest TEXT,
+        size BIGINT
+    );
+    CREATE TABLE federations (
+        seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL UNIQUE,
+        description TEXT,
+        org_id TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE TABLE federation_models (
+        federation_seq BIGINT NOT NULL REFERENCES federations(seq) ON DELETE CASCADE,
+        model_seq BIGINT NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
+        added_at TEXT NOT NULL,
+        PRIMARY KEY (federation_seq, model_seq)
+    );
+    CREATE TABLE model_events (
+        model_seq BIGINT NOT NULL REFERENCES models(seq) ON DELETE CASCADE,
+        name TEXT NOT NULL,
+        count BIGINT NOT NULL,
+        last_at TEXT NOT NULL,
+        PRIMARY KEY (model_seq, name)
+    );
+    """,
 ]

@@ -13,14 +13,13 @@ from typing import Any
 import aiosqlite
 
 from ..errors import DISK_FULL
-from . import Conflict, Publish, Recorder, Row, StorageError, StorageFull
+from . import EXPORTED_TABLES, Conflict, Publish, Recorder, Row, StorageError, StorageFull
 from .secret import LinkSecret
 from .sqlite_schema import MIGRATIONS
 from .sqlite_sdk import _LATEST_JOIN, _MODEL_COLUMNS, SdkTables, _assignments, _insert
 from .training import TrainingQueries
 from .transfer import TransferQueries
 
-EXPORTED_TABLES = ("models", "versions", "artifacts", "api_keys")
 REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
               "UNION SELECT digest FROM training_updates")
 
@@ -316,7 +315,8 @@ class SQLiteStore(TrainingQueries, SdkTables, TransferQueries):
 
     async def export_rows(self) -> dict[str, list[Row]]:
         """Every row of the registry's tables, for `migrate`."""
-        return {table: await self._all(f"SELECT * FROM {table} ORDER BY seq") for table in EXPORTED_TABLES}
+        # Column 1 is seq, or the first half of the key of a table without one.
+        return {table: await self._all(f"SELECT * FROM {table} ORDER BY 1, 2") for table in EXPORTED_TABLES}
 
     async def link_secret(self) -> bytes:
         """The signing key for download links, a file beside the database readable only by its owner; a file

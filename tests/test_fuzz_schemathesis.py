@@ -57,7 +57,7 @@ def _operations(url: str) -> list[Any]:
 
 
 # Operations whose valid input names server state no schema can describe (bytes already stored, a pending upload),
-# a label's rules (upload-url) or that wait for conversions (optimize, up to 45 s): fuzzed against drawn ids (404) alone.
+# a label's rules (upload-url) or that wait for conversions (optimize, up to 45 s): fuzzed at drawn ids (404) alone.
 _STATEFUL = {"/api/v1/models/{model_id}/versions", "/api/v1/models/{model_id}/versions/confirm-upload",
              "/api/v1/models/{model_id}/versions/upload-url", "/api/v1/models/{model_id}/optimize"}
 

@@ -238,8 +238,8 @@ def test_models_get_shows_version_labels_and_sizes_in_mib(cli: Cli, tmp_path: Pa
     assert shown.returncode == 0, shown.stderr
     rows = shown.stdout.splitlines()
     header = next(i for i, line in enumerate(rows) if line.startswith("VERSION"))
-    assert rows[header].split()[:4] == ["VERSION", "LABEL", "FORMAT", "SIZE"]
-    assert rows[header + 1].split()[:5] == ["1", "v1.0-rc", "sklearn", "3.0", "MiB"]
+    assert rows[header].split()[:5] == ["VERSION", "LABEL", "STATUS", "FORMAT", "SIZE"]
+    assert rows[header + 1].split()[:6] == ["1", "v1.0-rc", "published", "sklearn", "3.0", "MiB"]
     assert rows[header + 2].split()[:2] == ["2", "-"]
     assert "3.0 MiB" in run_cli(cli, "models", "list").stdout
 

@@ -30,7 +30,7 @@ def test_the_project_wheel_installs_from_a_wheelhouse_without_network(tmp_path: 
 
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{site}:{sysconfig.get_paths()['purelib']}"}
     probe = ("import octomil_lite, pathlib; root = pathlib.Path(octomil_lite.__file__).parent; "
-             "print(root); print((root / 'web' / 'index.html').is_file())")
+             "print(root); print((root / 'server' / 'web' / 'index.html').is_file())")
     ran = subprocess.run([sys.executable, "-S", "-c", probe], capture_output=True, text=True, env=env, timeout=60,
                          cwd=tmp_path)
     assert ran.stdout.split() == [str(site / "octomil_lite"), "True"], ran.stderr

@@ -127,7 +127,7 @@ HOSTED_OPERATIONS = {("get", "/api/v1/models"), ("post", "/api/v1/models"), ("ge
 
 def test_api_docs_group_operations_by_tag_each_summarised_with_the_hosted_ones_marked(site: Site) -> None:
     doc = httpx.get(site.url + "/schema/openapi.json").json()
-    assert [t["name"] for t in doc["tags"]] == ["models", "versions", "downloads", "keys-health"]
+    assert [t["name"] for t in doc["tags"]] == ["models", "versions", "downloads", "keys-health", "federated-learning"]
     assert all(t["description"] for t in doc["tags"])
     assert "[Back to the web page](/)" in doc["info"]["description"]
     operations = {(method, path): op for path, ops in doc["paths"].items() for method, op in ops.items()}
@@ -137,7 +137,8 @@ def test_api_docs_group_operations_by_tag_each_summarised_with_the_hosted_ones_m
         hosted = (method, path) in HOSTED_OPERATIONS
         assert op["summary"].endswith("(hosted API)") == hosted, (method, path)
         assert op["description"].startswith("Part of the hosted Octomil Models API") == hosted, (method, path)
-    assert {op["tags"][0] for op in operations.values()} == {"models", "versions", "downloads", "keys-health"}
+    assert {op["tags"][0] for op in operations.values()} == {"models", "versions", "downloads", "keys-health",
+                                                           "federated-learning"}
 
 
 def test_wrong_key_is_refused_with_a_clear_message(tab: Tab) -> None:

@@ -24,6 +24,7 @@ from ..errors import DISK_FULL, UNEXPECTED, BadRequest, Forbidden, OctomilError,
 from ..keys import KeyInfo
 from ..registry import Registry
 from ..schemas import DOWNLOAD_FORMATS, FRAMEWORKS, ErrorBody
+from . import api_docs
 from .controllers import ModelController, health, import_bundle, signed_download
 from .federations import route_handlers as federation_routes
 from .lifecycle import VersionLifecycleController, signed_put
@@ -237,5 +238,6 @@ def create_app(config: Config) -> Litestar:
         logging_config=None,
         debug=False,
     )
+    api_docs.document(app.openapi_schema.paths or {})
     app.asgi_handler = authenticate_first(app.asgi_handler)
     return app

@@ -57,7 +57,9 @@ def openapi_config() -> OpenAPIConfig:
               Tag(name="downloads", description="Download a version in any ready format, or make a signed link"),
               Tag(name="keys-health", description="API keys are made on the server's machine with "
                   "`octomil-lite keys create --name NAME` (scopes read, write, admin) and sent as "
-                  "`Authorization: Bearer <key>`; /health needs none")],
+                  "`Authorization: Bearer <key>`; /health needs none"),
+              Tag(name="federated-learning", description="Federations, devices, training rounds, weight updates "
+                  "and FedAvg: the coordinator the Octomil SDK's FederatedClient talks to")],
         path="/schema",
         render_plugins=[docs, YamlRenderPlugin()],
         components=Components(security_schemes={"apiKey": SecurityScheme(

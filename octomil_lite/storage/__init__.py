@@ -30,6 +30,17 @@ Resolve = Callable[[Row], tuple[list[str], Row]]  # what is here -> (clashes, wh
 # direct_uploads stay behind (their half-done bytes live in the source's tmp/).
 EXPORTED_TABLES = ("models", "versions", "artifacts", "api_keys", "devices", "training_rounds", "training_updates",
                    "federations", "federation_models", "model_events")
+# Portable SQL both stores run: every digest a row names (gc keeps these), and every row naming a blob (verify).
+REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
+              "UNION SELECT digest FROM training_updates")
+STORED_REFERENCES = (
+    "SELECT m.id AS model_id, v.number, v.format, v.digest, v.size FROM versions v "
+    "JOIN models m ON m.seq = v.model_seq UNION ALL "
+    "SELECT m.id, v.number, a.format, a.digest, a.size FROM artifacts a "
+    "JOIN versions v ON v.seq = a.version_seq "
+    "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL UNION ALL "
+    "SELECT m.id, v.number, 'training update ' || u.id, u.digest, u.size FROM training_updates u "
+    "JOIN versions v ON v.seq = u.base_version_seq JOIN models m ON m.seq = u.model_seq")
 
 
 class StorageError(OctomilError):

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from . import EXPORTED_TABLES, Publish, Recorder, Row, StorageError
+from . import EXPORTED_TABLES, REFERENCED, STORED_REFERENCES, Publish, Recorder, Row, StorageError
 from .postgres_schema import MIGRATIONS
 from .postgres_sdk import (
     _LATEST_JOIN,
@@ -20,8 +20,6 @@ from .postgres_sdk import (
 )
 from .postgres_training import PostgresTrainingQueries
 
-REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
-              "UNION SELECT digest FROM training_updates")
 # Serialises schema upgrades of concurrently starting servers.
 _MIGRATION_LOCK = 0x6F6D6C
 
@@ -270,14 +268,7 @@ class PostgresStore(PostgresTrainingQueries, PostgresSdkTables):
             return len(doomed), sum(delete(digest) for digest in doomed)
 
     async def stored_references(self) -> list[Row]:
-        return await self._all(
-            "SELECT m.id AS model_id, v.number, v.format, v.digest, v.size FROM versions v "
-            "JOIN models m ON m.seq = v.model_seq UNION ALL "
-            "SELECT m.id, v.number, a.format, a.digest, a.size FROM artifacts a "
-            "JOIN versions v ON v.seq = a.version_seq "
-            "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL UNION ALL "
-            "SELECT m.id, v.number, 'training update ' || u.id, u.digest, u.size FROM training_updates u "
-            "JOIN versions v ON v.seq = u.base_version_seq JOIN models m ON m.seq = u.model_seq")
+        return await self._all(STORED_REFERENCES)
 
     async def integrity_check(self) -> str:
         missing = await self._pool.fetchval(

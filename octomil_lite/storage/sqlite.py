@@ -13,15 +13,22 @@ from typing import Any
 import aiosqlite
 
 from ..errors import DISK_FULL
-from . import EXPORTED_TABLES, Conflict, Publish, Recorder, Row, StorageError, StorageFull
+from . import (
+    EXPORTED_TABLES,
+    REFERENCED,
+    STORED_REFERENCES,
+    Conflict,
+    Publish,
+    Recorder,
+    Row,
+    StorageError,
+    StorageFull,
+)
 from .secret import LinkSecret
 from .sqlite_schema import MIGRATIONS
 from .sqlite_sdk import _LATEST_JOIN, _MODEL_COLUMNS, SdkTables, _assignments, _insert
 from .training import TrainingQueries
 from .transfer import TransferQueries
-
-REFERENCED = ("SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL "
-              "UNION SELECT digest FROM training_updates")
 
 
 @contextmanager
@@ -342,14 +349,7 @@ class SQLiteStore(TrainingQueries, SdkTables, TransferQueries):
 
     async def stored_references(self) -> list[Row]:
         """Every row that names a blob, for `verify`."""
-        return await self._all(
-            "SELECT m.id AS model_id, v.number, v.format, v.digest, v.size FROM versions v "
-            "JOIN models m ON m.seq = v.model_seq UNION ALL "
-            "SELECT m.id, v.number, a.format, a.digest, a.size FROM artifacts a "
-            "JOIN versions v ON v.seq = a.version_seq "
-            "JOIN models m ON m.seq = v.model_seq WHERE a.digest IS NOT NULL UNION ALL "
-            "SELECT m.id, v.number, 'training update ' || u.id, u.digest, u.size FROM training_updates u "
-            "JOIN versions v ON v.seq = u.base_version_seq JOIN models m ON m.seq = u.model_seq")
+        return await self._all(STORED_REFERENCES)
 
     async def integrity_check(self) -> str:
         row = await self._one("PRAGMA integrity_check")

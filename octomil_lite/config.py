@@ -29,3 +29,4 @@ class Config:
     conversion_workers: int = 1
     conversion_timeout: float = 900.0
     conversion_memory_bytes: int = 8 * GiB
+    unsafe_conversions: bool = False  # run conversion jobs without isolation (the operator accepts the risk)

@@ -238,4 +238,5 @@ async def signed_download(model_id: FromPath[str], version: FromPath[str], reque
 
 @get("/health", opt={"public": True}, sync_to_thread=False, operation_class=PublicOperation)
 def health(request: Request[Any, Any, Any]) -> Health:
-    return Health(status="ok", version=__version__, conversions=request.app.state.conversions)
+    return Health(status="ok", version=__version__, conversions=request.app.state.conversions,
+                  isolation=request.app.state.registry.sandbox.isolation.as_dict())

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .blobstore import BlobStore
 from .db import Database, Row
-from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
+from .sandbox import CHECK_LIMITS, IsolationUnavailable, JobFiles, Limits, Sandbox, SandboxError
 
 log = logging.getLogger("octomil_lite.conversions")
 
@@ -23,8 +23,10 @@ TARGETS = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage.zip"}
 class ConversionPool:
     """`workers` asyncio tasks, each running one conversion child at a time; the event loop never waits on one."""
 
-    def __init__(self, db: Database, blobs: BlobStore, limits: Limits, workers: int, now: Callable[[], str]):
+    def __init__(self, db: Database, blobs: BlobStore, sandbox: Sandbox, limits: Limits, workers: int,
+                 now: Callable[[], str]):
         self.db = db
+        self.sandbox = sandbox
         self.blobs = blobs
         self.limits = limits
         self.workers = workers
@@ -65,13 +67,13 @@ class ConversionPool:
                                                       "updated_at": self.now()})
 
     async def _run(self, job: Row) -> None:
-        out_dir = Path(tempfile.mkdtemp(prefix="convert-", dir=self.blobs.tmp))
+        output = self.blobs.tmp / f"convert-{uuid.uuid4().hex}.out"
         try:
-            fields = await self._convert(job, out_dir)
+            fields = await self._convert(job, output)
             if fields.get("status") != "ready":
                 await self.db.finish_job(job["seq"], {**fields, "updated_at": self.now()})
                 return
-            staged = await self.blobs.stage_file(Path(fields.pop("path")))
+            staged = await self.blobs.stage_file(output)
             fields.update(digest=staged.digest, size=staged.size, updated_at=self.now())
 
             async def publish() -> None:
@@ -79,16 +81,17 @@ class ConversionPool:
 
             await self.db.finish_job(job["seq"], fields, publish)
         finally:
-            shutil.rmtree(out_dir, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                output.unlink()
 
-    async def _convert(self, job: Row, out_dir: Path) -> dict[str, Any]:
-        payload = {
-            "src": str(self.blobs.path(job["digest"])), "kind": job["kind"], "framework_hint": job["format"],
-            "target": job["target"], "out_dir": str(out_dir),
-            "options": {"input_shape": json.loads(job["input_shape"])} if job["input_shape"] else {},
-        }
+    async def _convert(self, job: Row, output: Path) -> dict[str, Any]:
+        payload = {"kind": job["kind"], "framework_hint": job["format"], "target": job["target"],
+                   "options": {"input_shape": json.loads(job["input_shape"])} if job["input_shape"] else {}}
+        files = JobFiles(inputs={"model": self.blobs.path(job["digest"])}, output=output)
         try:
-            result = await run_task("convert", payload, self.limits, self.blobs.tmp)
+            result = await self.sandbox.run_task("convert", payload, self.limits, files)
+        except IsolationUnavailable as exc:
+            return {"status": "unavailable", "reason": f"conversions are off on this server: {exc}"}
         except SandboxError as exc:
             return {"status": "failed", "reason": f"the conversion {exc}"}
         status = result.get("status")
@@ -96,18 +99,18 @@ class ConversionPool:
             return {"status": status, "reason": str(result.get("reason") or "no reason given")[:2000]}
         if status != "done":
             return {"status": "failed", "reason": "the converter returned no result"}
-        output = Path(str(result.get("path", ""))).resolve()
-        if output.parent != out_dir.resolve() or output.is_symlink() or not output.is_file():
-            return {"status": "failed", "reason": "the converter wrote its output outside its working directory"}
+        size = output.stat().st_size
+        if size == 0 or result.get("output_size") != size:
+            return {"status": "failed", "reason": "the converter returned no complete output file"}
         signature = None
         if job["target"] == "onnx":
-            try:
-                check = await run_task("check-onnx", {"path": str(output)}, CHECK_LIMITS, self.blobs.tmp)
+            try:  # a fresh job checks what the converting job wrote
+                check = await self.sandbox.run_task("check-onnx", {}, CHECK_LIMITS, JobFiles({"model": output}))
             except SandboxError as exc:
                 return {"status": "failed", "reason": f"checking the converted ONNX model {exc}"}
             if not check.get("ok"):
                 return {"status": "failed", "reason": f"the converted ONNX model is invalid: {check.get('reason')}"}
             signature = json.dumps(check.get("signature"))
-        return {"status": "ready", "reason": None, "path": str(output), "signature": signature,
+        return {"status": "ready", "reason": None, "signature": signature,
                 "parity": json.dumps(result.get("parity")) if result.get("parity") is not None else None,
                 "converter": str(result.get("converter") or "")[:200] or None}

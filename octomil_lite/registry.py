@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 import secrets
@@ -24,8 +25,8 @@ from .blobstore import BlobStore, StagedBlob
 from .config import Config
 from .conversions import TARGETS, ConversionPool
 from .db import Database, Row
-from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
-from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
+from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError, ServiceUnavailable
+from .sandbox import CHECK_LIMITS, IsolationUnavailable, JobFiles, Limits, Sandbox, SandboxError
 from .schemas import (
     DOWNLOAD_FORMATS,
     CreateModel,
@@ -40,6 +41,8 @@ from .schemas import (
     VersionSummary,
 )
 from .uploads import UploadedFile
+
+log = logging.getLogger("octomil_lite.registry")
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PENDING_RETRY_AFTER = 2
@@ -118,8 +121,9 @@ class Registry:
         self.db = db
         self.blobs = blobs
         self._secret = secret
-        self.pool = ConversionPool(db, blobs, Limits(timeout=config.conversion_timeout,
-                                                     memory_bytes=config.conversion_memory_bytes),
+        self.sandbox = Sandbox(hidden=[config.data_dir], allow_unsafe=config.unsafe_conversions)
+        self.pool = ConversionPool(db, blobs, self.sandbox, Limits(timeout=config.conversion_timeout,
+                                                                   memory_bytes=config.conversion_memory_bytes),
                                    config.conversion_workers, utc_now)
 
     @classmethod
@@ -132,6 +136,12 @@ class Registry:
     async def start(self) -> None:
         """Serving: sweep leftovers of a previous run and start converting."""
         self.blobs.sweep_tmp()
+        isolation = await asyncio.to_thread(self.sandbox.probe)
+        if isolation.unsafe:
+            log.warning("!!! --unsafe-conversions: conversion jobs run WITHOUT isolation; an uploaded model file "
+                        "can take over this server !!!")
+        elif not isolation.available:
+            log.error("conversions are off: %s", isolation.reason)
         await self.pool.start()
 
     async def close(self) -> None:
@@ -265,16 +275,24 @@ class Registry:
     async def _checked_onnx(self, staged: StagedBlob, data: UploadedFile | None) -> tuple[StagedBlob, Any]:
         """Validate an ONNX upload in a child; with external weights, fold them into one self-contained file."""
         if data is None:
-            result = await self._sandboxed("check-onnx", {"path": str(staged.path)})
+            result = await self._sandboxed("check-onnx", {}, JobFiles({"model": staged.path}))
             return staged, result.get("signature")
         folded = self.blobs.tmp / f"{staged.path.name}.folded.onnx"
-        result = await self._sandboxed("fold-onnx", {"path": str(staged.path), "data": str(data.staged.path),
-                                                     "data_name": data.filename, "out": str(folded)})
-        return await self.blobs.stage_file(folded), result.get("signature")
-
-    async def _sandboxed(self, task: str, payload: dict[str, Any]) -> dict[str, Any]:
+        name = os.path.basename(data.filename.replace("\\", "/"))
+        bound = name if name not in ("", ".", "..") and "\x00" not in name else "onnx_data"
+        files = JobFiles({"model": staged.path, f"data/{bound}": data.staged.path}, output=folded)
         try:
-            result = await run_task(task, payload, CHECK_LIMITS, self.blobs.tmp)
+            result = await self._sandboxed("fold-onnx", {"data_name": name}, files)
+            return await self.blobs.stage_file(folded), result.get("signature")
+        except BaseException:
+            folded.unlink(missing_ok=True)
+            raise
+
+    async def _sandboxed(self, task: str, payload: dict[str, Any], files: JobFiles) -> dict[str, Any]:
+        try:
+            result = await self.sandbox.run_task(task, payload, CHECK_LIMITS, files)
+        except IsolationUnavailable as exc:
+            raise ServiceUnavailable(f"ONNX uploads are checked in an isolated job, and {exc}.") from exc
         except SandboxError as exc:
             raise BadRequest(f"The ONNX model could not be checked: {exc}.") from exc
         if not result.get("ok"):

@@ -1,94 +1,502 @@
-"""Run a task on untrusted model bytes in a child process with limits, never in the server."""
+"""Run a task on untrusted model bytes in an isolated job: bubblewrap namespaces, seccomp, a job-wide cgroup.
+
+Every job is assumed hostile (arbitrary code execution inside it). The job gets its own user, mount, PID, IPC,
+network, UTS and cgroup namespaces, runs as uid/gid 65534 with no capabilities and no_new_privs, sees only the
+Python environment and system libraries read-only, a size-limited tmpfs scratch (its only writable place) and
+its input file read-only; its result leaves through one file descriptor the parent opened. The whole job tree
+shares one memory and process limit (cgroup), and killing the PID namespace's init ends every process in it.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
+import contextlib
+import errno
 import json
+import logging
 import os
 import resource
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWNET = 0x40000000
+log = logging.getLogger("octomil_lite.sandbox")
+
+JOB_UID = 65534  # "nobody" inside the job's user namespace
+SCRATCH = "/scratch"
+INPUT_DIR = "/job"
+BWRAP = "bwrap"
+_BWRAP_FIX = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)"
+_USERNS_FIX = ("allow user namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces>0; "
+               "on Ubuntu 24.04 also kernel.apparmor_restrict_unprivileged_userns=0)")
 
 
 @dataclass(frozen=True)
 class Limits:
-    """Resource limits for one child process."""
+    """Limits for one job, for all its processes together where the kernel allows it."""
 
     timeout: float = 600.0
-    memory_bytes: int = 8 * 1024**3
-    cpu_seconds: int = 1200
-    file_size_bytes: int = 64 * 1024**3
+    memory_bytes: int = 8 * 1024**3  # the job-wide cgroup limit (scratch tmpfs pages count too)
+    cpu_seconds: int = 1200  # per process
+    file_size_bytes: int = 16 * 1024**3  # largest file it may write, the output included
+    scratch_bytes: int = 4 * 1024**3
+    max_processes: int = 64
 
 
 CHECK_LIMITS = Limits(timeout=300.0, cpu_seconds=300)  # onnx.checker on an upload or a converter's output
 
 
 class SandboxError(Exception):
-    """The child did not return a result (timeout, crash, limit hit)."""
+    """The job did not return a result (timeout, crash, limit hit)."""
 
 
-def _drop_network() -> None:
-    # A new network namespace has only a down loopback: no way out. Best effort.
-    libc = ctypes.CDLL(None, use_errno=True)
-    flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
-    libc.unshare(flags)
+class IsolationUnavailable(SandboxError):
+    """Jobs cannot be isolated on this machine; the message names the missing piece and the fix."""
 
 
-def _preexec(limits: Limits) -> None:
-    os.setsid()
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size_bytes, limits.file_size_bytes))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    _drop_network()
+@dataclass(frozen=True)
+class Isolation:
+    """What this machine offers, found once at start (`probe`)."""
+
+    available: bool
+    reason: str | None = None  # why not, and the fix
+    containment: str = "none"  # "cgroup v1", "cgroup v2" or "rlimits" (per process only)
+    unsafe: bool = False  # the operator chose --unsafe-conversions: jobs run unisolated
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.unsafe:
+            return {"isolated": False, "unsafe_conversions": True,
+                    "reason": f"started with --unsafe-conversions: conversion jobs run WITHOUT isolation "
+                              f"({self.reason or 'chosen by the operator'})"}
+        return {"isolated": self.available, "unsafe_conversions": False, "containment": self.containment,
+                **({"reason": self.reason} if self.reason else {})}
 
 
-def _child_env() -> dict[str, str]:
-    # Empty environment but for thread caps, so a conversion cannot starve the server of cores.
-    return {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-            "TF_CPP_MIN_LOG_LEVEL": "3", "TF_NUM_INTRAOP_THREADS": "1", "TF_NUM_INTEROP_THREADS": "1",
+@dataclass
+class JobFiles:
+    """What one job may touch: input files bound read-only under /job, one output file descriptor."""
+
+    inputs: dict[str, Path] = field(default_factory=dict)  # name under /job -> host path
+    output: Path | None = None  # host path the parent creates; the job writes through an fd
+
+
+# --- seccomp -------------------------------------------------------------------------------------------------
+
+_DENIED_SYSCALLS = (
+    "setns", "unshare", "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen",
+    "fsmount", "fsconfig", "fspick", "mount_setattr", "ptrace", "process_vm_readv", "process_vm_writev",
+    "kcmp", "pidfd_getfd", "bpf", "keyctl", "add_key", "request_key", "perf_event_open", "userfaultfd",
+    "io_uring_setup", "io_uring_enter", "io_uring_register", "kexec_load", "kexec_file_load", "init_module",
+    "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct", "quotactl", "open_by_handle_at",
+    "name_to_handle_at", "syslog", "vhangup", "lookup_dcookie", "personality", "uselib", "fanotify_init",
+)
+_CLONE_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000,
+                          0x00000080)  # NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET, NEWTIME
+_AF_UNIX = 1
+
+
+@cache
+def seccomp_program() -> bytes:
+    """The job's seccomp BPF program: the syscalls that reach other namespaces, the kernel or the network fail."""
+    import pyseccomp as sc
+
+    f = sc.SyscallFilter(defaction=sc.ALLOW)
+    for name in _DENIED_SYSCALLS:
+        with contextlib.suppress(RuntimeError, OSError, ValueError):  # not on this architecture
+            f.add_rule(sc.ERRNO(errno.EPERM), name)
+    f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, _AF_UNIX))
+    f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socketpair", sc.Arg(0, sc.NE, _AF_UNIX))
+    for flag in _CLONE_NAMESPACE_FLAGS:
+        f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
+    # clone3 passes its flags in memory a filter cannot read: ENOSYS makes libc fall back to clone.
+    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
+    f.add_rule(sc.ERRNO(errno.EPERM), "ioctl", sc.Arg(1, sc.EQ, 0x5412))  # TIOCSTI
+    with tempfile.TemporaryFile() as out:
+        f.export_bpf(out)
+        out.seek(0)
+        return out.read()
+
+
+# --- cgroups -------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Controller:
+    root: Path  # this process's own cgroup directory for the controller; jobs nest under it
+    memory_file: str | None  # None for the pids controller
+
+
+def _own_cgroups() -> dict[str, tuple[str, str]]:
+    """controller (or '' for v2) -> (hierarchy id, path) from /proc/self/cgroup."""
+    out: dict[str, tuple[str, str]] = {}
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hid, controllers, path = line.split(":", 2)
+        for name in controllers.split(",") if controllers else [""]:
+            out[name] = (hid, path)
+    return out
+
+
+def _find_controllers() -> tuple[str, dict[str, _Controller]] | None:
+    """Writable memory and pids controllers under our own cgroup: v2 if delegated, else v1, else None."""
+    own = _own_cgroups()
+    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
+    v2 = next((Path(m[1]) for m in mounts if m[2] == "cgroup2"), None)
+    if v2 is not None and "" in own:
+        base = v2 / own[""][1].lstrip("/")
+        enabled = (base / "cgroup.controllers").read_text().split() if (base / "cgroup.controllers").exists() else []
+        if {"memory", "pids"} <= set(enabled) and os.access(base, os.W_OK):
+            with contextlib.suppress(OSError):
+                (base / "cgroup.subtree_control").write_text("+memory +pids")
+            return "cgroup v2", {"memory": _Controller(base, "memory.max"), "pids": _Controller(base, None)}
+    found: dict[str, _Controller] = {}
+    for name, memory_file in (("memory", "memory.limit_in_bytes"), ("pids", None)):
+        mount = next((Path(m[1]) for m in mounts if m[2] == "cgroup" and name in m[3].split(",")), None)
+        if mount is None or name not in own:
+            return None
+        base = mount / own[name][1].lstrip("/")
+        if not os.access(base, os.W_OK):
+            return None
+        found[name] = _Controller(base, memory_file)
+    return "cgroup v1", found
+
+
+class _JobCgroup:
+    """One cgroup per controller for one job; every process of the job is in it, and it is removed after."""
+
+    def __init__(self, controllers: dict[str, _Controller], limits: Limits):
+        name = f"octomil-lite-job-{uuid.uuid4().hex[:12]}"
+        self.dirs: list[Path] = []
+        unique = {c.root: c for c in controllers.values()}  # v2: one directory holds both controllers
+        for ctl in unique.values():
+            path = ctl.root / name
+            path.mkdir()
+            self.dirs.append(path)
+        for ctl in controllers.values():
+            path = ctl.root / name
+            if ctl.memory_file:
+                (path / ctl.memory_file).write_text(str(limits.memory_bytes))
+                for swap in ("memory.memsw.limit_in_bytes", "memory.swap.max"):
+                    if (path / swap).exists():
+                        with contextlib.suppress(OSError):
+                            (path / swap).write_text("0" if swap == "memory.swap.max" else str(limits.memory_bytes))
+            else:
+                (path / "pids.max").write_text(str(limits.max_processes))
+
+    def add(self, pid: int) -> None:
+        for path in self.dirs:
+            (path / "cgroup.procs").write_text(str(pid))
+
+    def pids(self) -> set[int]:
+        out: set[int] = set()
+        for path in self.dirs:
+            with contextlib.suppress(OSError):
+                out.update(int(p) for p in (path / "cgroup.procs").read_text().split())
+        return out
+
+    def destroy(self) -> None:
+        """Kill whatever is left in it, then remove it."""
+        deadline = time.monotonic() + 5
+        while (left := self.pids()) and time.monotonic() < deadline:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.005)
+        for path in self.dirs:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+
+
+# --- the launcher --------------------------------------------------------------------------------------------
+
+def _read_only_roots() -> list[Path]:
+    """What a job needs to run Python: system libraries, the interpreter, the environment and this package."""
+    import octomil_lite
+
+    roots = [Path("/usr"), Path(sys.base_prefix), Path(sys.prefix), Path(octomil_lite.__file__).parent]
+    for candidate in (Path(sys.executable).resolve().parent.parent,):
+        roots.append(candidate)
+    unique: list[Path] = []
+    for root in sorted({r.resolve() for r in roots if r.exists()}, key=lambda p: len(p.parts)):
+        if not any(root.is_relative_to(u) for u in unique):
+            unique.append(root)
+    return unique
+
+
+def _system_links() -> list[str]:
+    """/lib, /lib64, /bin, /sbin: symlinks into /usr on merged-/usr systems, else bound read-only."""
+    args: list[str] = []
+    for name in ("lib", "lib64", "lib32", "bin", "sbin"):
+        path = Path("/") / name
+        if path.is_symlink():
+            args += ["--symlink", os.readlink(path), str(path)]
+        elif path.is_dir():
+            args += ["--ro-bind", str(path), str(path)]
+    for etc in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/localtime"):
+        if os.path.exists(etc):
+            args += ["--ro-bind", etc, etc]
+    return args
+
+
+def job_env() -> dict[str, str]:
+    # Nothing of the server's environment but thread caps, so a job cannot starve the server of cores.
+    return {"PATH": "/usr/bin:/bin", "HOME": SCRATCH, "TMPDIR": SCRATCH, "USER": "nobody", "LANG": "C.UTF-8",
+            "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1", "TF_CPP_MIN_LOG_LEVEL": "3", "TF_NUM_INTRAOP_THREADS": "1",
+            "TF_NUM_INTEROP_THREADS": "1",
             **{k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}}
 
 
-async def run_task(task: str, payload: dict[str, Any], limits: Limits, workdir_parent: Path) -> dict[str, Any]:
-    """Run `octomil_lite.worker` TASK in a child; return the JSON object it prints."""
-    workdir = Path(tempfile.mkdtemp(prefix="sandbox-", dir=workdir_parent))
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-I", "-m", "octomil_lite.worker", task,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            cwd=workdir, env=_child_env(), preexec_fn=lambda: _preexec(limits),
-        )
+class Sandbox:
+    """Starts jobs. `isolated=False` is the operator's --unsafe-conversions: a plain child process."""
+
+    def __init__(self, hidden: list[Path], isolated: bool = True, allow_unsafe: bool = False):
+        self.hidden = [p.resolve() for p in hidden]  # never visible to a job even if under a bound root
+        self.isolated = isolated
+        self.allow_unsafe = allow_unsafe  # --unsafe-conversions: run unisolated where isolation is unavailable
+        self._cgroups: tuple[str, dict[str, _Controller]] | None = None
+        self.isolation = Isolation(available=False, reason="not probed yet")
+
+    def probe(self) -> Isolation:
+        """Find out once whether jobs can be isolated here; the answer shows in /health."""
+        if not self.isolated:
+            self.isolation = Isolation(available=False, unsafe=True)
+            return self.isolation
+        self.isolation = self._probe()
+        if not self.isolation.available and self.allow_unsafe:
+            self.isolated = False
+            self.isolation = Isolation(False, self.isolation.reason, unsafe=True)
+        return self.isolation
+
+    def _probe(self) -> Isolation:
+        if shutil.which(BWRAP) is None:
+            return Isolation(False, f"bubblewrap ('bwrap') is not installed: {_BWRAP_FIX}")
         try:
-            out, err = await asyncio.wait_for(proc.communicate(json.dumps(payload).encode()), limits.timeout)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise SandboxError(f"took longer than {limits.timeout:.0f} s and was stopped") from None
+            seccomp_program()
+        except (ImportError, OSError, RuntimeError) as exc:
+            return Isolation(False, f"seccomp filters cannot be built ({type(exc).__name__}: {exc}): "
+                                    "pip install pyseccomp and install libseccomp2")
+        try:
+            self._cgroups = _find_controllers()
+        except OSError:
+            self._cgroups = None
+        containment = self._cgroups[0] if self._cgroups else "rlimits"
+        try:
+            result = self.run_sync(["/bin/true"], Limits(timeout=20), stdin=b"")
+        except SandboxError as exc:
+            return Isolation(False, f"bubblewrap cannot create the job's namespaces ({exc}): {_USERNS_FIX}")
+        if result.returncode != 0:
+            tail = result.stderr.decode(errors="replace").strip()[-300:]
+            return Isolation(False, f"bubblewrap cannot create the job's namespaces ({tail}): {_USERNS_FIX}")
+        return Isolation(True, containment=containment)
+
+    # the command line -------------------------------------------------------------------------------------
+
+    def _bwrap_args(self, files: JobFiles, limits: Limits, fds: dict[str, int]) -> list[str]:
+        args = [BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+                "--uid", str(JOB_UID), "--gid", str(JOB_UID), "--hostname", "job",
+                "--info-fd", str(fds["info"]), "--block-fd", str(fds["block"]), "--seccomp", str(fds["seccomp"])]
+        for root in _read_only_roots():
+            args += ["--ro-bind", str(root), str(root)]
+        for hidden in self.hidden:
+            if any(hidden.is_relative_to(r) for r in _read_only_roots()):
+                args += ["--tmpfs", str(hidden)]
+        args += _system_links()
+        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+                 "--size", str(limits.scratch_bytes), "--perms", "1777", "--tmpfs", SCRATCH]
+        for name, fd in fds.items():
+            if name.startswith("in:"):
+                args += ["--ro-bind-fd", str(fd), f"{INPUT_DIR}/{name[3:]}"]
+        args += ["--chdir", SCRATCH]
+        return args
+
+    # running ----------------------------------------------------------------------------------------------
+
+    def run_sync(self, argv: list[str], limits: Limits, stdin: bytes = b"", files: JobFiles | None = None,
+                 cancel: threading.Event | None = None) -> subprocess.CompletedProcess[bytes]:
+        """Run ARGV as one job and wait for it (call it from a thread); every process it started is gone after."""
+        files = files or JobFiles()
+        if not self.isolated:
+            return self._run_unsafe(argv, limits, stdin, files, cancel)
+        opened: list[int] = []
+        cgroup: _JobCgroup | None = None
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            info_r, info_w = os.pipe()
+            block_r, block_w = os.pipe()
+            opened += [info_r, info_w, block_r, block_w]
+            seccomp_fd = os.memfd_create("job-seccomp")
+            opened.append(seccomp_fd)
+            os.write(seccomp_fd, seccomp_program())
+            os.lseek(seccomp_fd, 0, os.SEEK_SET)
+            fds = {"info": info_w, "block": block_r, "seccomp": seccomp_fd}
+            for name, path in files.inputs.items():
+                fds[f"in:{name}"] = os.open(path, os.O_PATH | os.O_NOFOLLOW)
+                opened.append(fds[f"in:{name}"])
+            passed = list(fds.values())
+            if files.output is not None:
+                out_fd = os.open(files.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                opened.append(out_fd)
+                # The job's only way out: write-only on one fresh file; no path to it is visible inside.
+                passed.append(out_fd)
+                env_out = {"OCTOMIL_JOB_OUT_FD": str(out_fd)}
+            else:
+                env_out = {}
+            if self._cgroups:
+                cgroup = _JobCgroup(self._cgroups[1], limits)
+            proc = subprocess.Popen(
+                [*self._bwrap_args(files, limits, fds), "--", *argv], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=passed, close_fds=True,
+                env={**job_env(), **env_out})
+            for fd in (info_w, block_r):
+                os.close(fd)
+                opened.remove(fd)
+            child = self._sandbox_init_pid(info_r, proc, limits)
+            if child is not None:
+                if cgroup is not None:
+                    cgroup.add(child)
+                _set_rlimits(child, limits)
+            os.write(block_w, b"1")  # the job starts only now, inside its cgroup and limits
+            return _communicate(proc, stdin, limits, cancel, kill=lambda: _kill_tree(proc, child))
+        except OSError as exc:
+            raise SandboxError(f"could not be started ({exc})") from exc
+        finally:
+            if proc is not None and proc.poll() is None:
+                _kill_tree(proc, None)
+                proc.wait()
+            for fd in opened:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if cgroup is not None:
+                cgroup.destroy()
+
+    @staticmethod
+    def _sandbox_init_pid(info_r: int, proc: subprocess.Popen[bytes], limits: Limits) -> int | None:
+        """bwrap reports the PID of the namespace's init (host view) before the job runs."""
+        data = b""
+        deadline = time.monotonic() + min(limits.timeout, 30)
+        while b"}" not in data and time.monotonic() < deadline:
+            chunk = os.read(info_r, 4096)
+            if not chunk:
+                break
+            data += chunk
+        if b"}" not in data:
+            proc.wait(5)
+            raise SandboxError(f"bubblewrap failed: {proc.stderr.read().decode(errors='replace')[-300:]}"  # type: ignore[union-attr]
+                               .strip())
+        return int(json.loads(data[: data.index(b"}") + 1])["child-pid"])
+
+    def _run_unsafe(self, argv: list[str], limits: Limits, stdin: bytes, files: JobFiles,
+                    cancel: threading.Event | None) -> subprocess.CompletedProcess[bytes]:
+        """--unsafe-conversions: a plain child with per-process limits; the operator accepted the risk."""
+        scratch = Path(tempfile.mkdtemp(prefix="unsafe-job-"))
+        opened: list[int] = []
+        try:
+            for name, path in files.inputs.items():
+                (scratch / "job").mkdir(exist_ok=True)
+                (scratch / "job" / name).symlink_to(path)
+            env = {**job_env(), "HOME": str(scratch), "TMPDIR": str(scratch),
+                   "OCTOMIL_JOB_INPUT_DIR": str(scratch / "job")}
+            passed: list[int] = []
+            if files.output is not None:
+                out_fd = os.open(files.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                opened.append(out_fd)
+                passed.append(out_fd)
+                env["OCTOMIL_JOB_OUT_FD"] = str(out_fd)
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    pass_fds=passed, close_fds=True, cwd=scratch, env=env, start_new_session=True)
+            _set_rlimits(proc.pid, limits)
+            try:
+                return _communicate(proc, stdin, limits, cancel, kill=lambda: _kill_group(proc))
+            finally:
+                _kill_group(proc)
+        finally:
+            for fd in opened:
+                os.close(fd)
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    async def run_task(self, task: str, payload: dict[str, Any], limits: Limits,
+                       files: JobFiles | None = None) -> dict[str, Any]:
+        """Run `octomil_lite.worker TASK` as one job; return the JSON object it prints."""
+        if not self.isolated:
+            log.warning("running conversion task %s WITHOUT isolation (--unsafe-conversions)", task)
+        elif not self.isolation.available:
+            raise IsolationUnavailable(self.isolation.reason or "isolation is not available")
+        cancel = threading.Event()
+        future = asyncio.get_running_loop().run_in_executor(
+            None, lambda: self.run_sync([sys.executable, "-I", "-m", "octomil_lite.worker", task], limits,
+                                        json.dumps(payload).encode(), files, cancel))
+        try:
+            done = await asyncio.shield(future)
         except asyncio.CancelledError:
-            proc.kill()
-            await proc.wait()
+            cancel.set()
+            with contextlib.suppress(Exception):
+                await future
             raise
-        if proc.returncode != 0:
-            tail = err.decode(errors="replace").strip().splitlines()[-1:] or [""]
-            if proc.returncode < 0:
-                raise SandboxError(f"the worker was killed by signal {-proc.returncode} (likely a resource limit) "
-                                   f"{tail[0]}".strip())
-            raise SandboxError(f"the worker failed: {tail[0]}".strip())
+        return _worker_result(done)
+
+
+def _set_rlimits(pid: int, limits: Limits) -> None:
+    """Per-process limits, inherited by everything the job starts (the cgroup bounds the sum)."""
+    for res, value in ((resource.RLIMIT_AS, limits.memory_bytes), (resource.RLIMIT_CPU, limits.cpu_seconds),
+                       (resource.RLIMIT_FSIZE, limits.file_size_bytes), (resource.RLIMIT_CORE, 0),
+                       (resource.RLIMIT_NOFILE, 1024)):
+        with contextlib.suppress(ProcessLookupError):
+            resource.prlimit(pid, res, (value, value))
+
+
+def _kill_tree(proc: subprocess.Popen[bytes], init_pid: int | None) -> None:
+    """Killing the PID namespace's init kills every process in the namespace; bwrap then exits."""
+    for pid in (init_pid, proc.pid):
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _communicate(proc: subprocess.Popen[bytes], stdin: bytes, limits: Limits, cancel: threading.Event | None,
+                 kill: Any) -> subprocess.CompletedProcess[bytes]:
+    deadline = time.monotonic() + limits.timeout
+    pending: bytes | None = stdin
+    while True:
+        step = min(0.5, max(deadline - time.monotonic(), 0.001))
         try:
-            result = json.loads(out.decode().strip().splitlines()[-1])
-        except (ValueError, IndexError):
-            raise SandboxError("the worker returned no result") from None
-        if not isinstance(result, dict):
-            raise SandboxError("the worker returned no result")
-        return result
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+            out, err = proc.communicate(pending, timeout=step)
+            return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        except subprocess.TimeoutExpired:
+            pending = None
+        if cancel is not None and cancel.is_set():
+            kill()
+            proc.communicate()
+            raise SandboxError("was cancelled")
+        if time.monotonic() >= deadline:
+            kill()
+            proc.communicate()
+            raise SandboxError(f"took longer than {limits.timeout:.0f} s and was stopped")
+
+
+def _worker_result(done: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
+    if done.returncode != 0:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        if done.returncode < 0 or done.returncode >= 128:
+            signum = -done.returncode if done.returncode < 0 else done.returncode - 128
+            raise SandboxError(f"was killed by signal {signum} (likely a resource limit) {tail[0][:300]}".strip())
+        raise SandboxError(f"failed: {tail[0][:300]}".strip())
+    try:
+        result = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise SandboxError("returned no result") from None
+    if not isinstance(result, dict):
+        raise SandboxError("returned no result")
+    return result

@@ -31,6 +31,7 @@ class Health(Schema):
     status: str
     version: str
     conversions: dict[str, list[str]]
+    isolation: dict[str, Any]
 
 
 class Model(Schema):

@@ -309,12 +309,15 @@ class Sandbox:
             if any(hidden.is_relative_to(r) for r in _read_only_roots()):
                 args += ["--tmpfs", str(hidden)]
         args += _system_links()
-        args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-                 "--size", str(limits.scratch_bytes), "--perms", "1777", "--tmpfs", SCRATCH]
+        args += ["--proc", "/proc", "--dev", "/dev", "--size", str(64 * 1024**2), "--perms", "1777",
+                 "--tmpfs", "/dev/shm", "--remount-ro", "/dev",  # POSIX semaphores need a small /dev/shm
+                 "--size", str(limits.scratch_bytes), "--perms", "1777",
+                 "--tmpfs", SCRATCH, "--symlink", SCRATCH, "/tmp"]  # /tmp is the scratch: one size limit
         for name, fd in fds.items():
             if name.startswith("in:"):
                 args += ["--ro-bind-fd", str(fd), f"{INPUT_DIR}/{name[3:]}"]
-        args += ["--chdir", SCRATCH]
+        # The job's uid is the server's outside the user namespace, so nothing but the scratch may stay writable.
+        args += ["--remount-ro", "/", "--chdir", SCRATCH]
         return args
 
     # running ----------------------------------------------------------------------------------------------

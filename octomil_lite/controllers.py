@@ -22,6 +22,7 @@ from litestar.openapi.spec import (
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from . import __version__
+from .auth import ASGI_SCOPE_KEY
 from .errors import BadRequest
 from .registry import Registry
 from .responses import BlobResponse, blob_response
@@ -200,7 +201,8 @@ class ModelController(Controller):
             raise too_large(limit)
         parsed = await receive_upload(_chunks(request), boundary, limit, registry.stage_upload)
         try:
-            return await registry.upload_version(model_id, parsed.files, upload_form(parsed.fields))
+            return await registry.upload_version(model_id, parsed.files, upload_form(parsed.fields),
+                                                 uploader=request.scope[ASGI_SCOPE_KEY].name)  # type: ignore[literal-required]
         finally:
             await parsed.discard()
 

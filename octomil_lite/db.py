@@ -78,7 +78,24 @@ MIGRATIONS: list[str] = [
     );
     CREATE UNIQUE INDEX api_keys_active_name ON api_keys(name) WHERE revoked_at IS NULL;
     """,
+    # 2: fair conversion scheduling: who uploaded a version, and the order in which jobs were claimed
+    """
+    ALTER TABLE versions ADD COLUMN uploaded_by TEXT;
+    ALTER TABLE artifacts ADD COLUMN claimed INTEGER;
+    CREATE INDEX versions_by_uploader ON versions(uploaded_by);
+    """,
 ]
+
+_CLAIM_NEXT = """
+    UPDATE artifacts SET status = 'running', updated_at = ?,
+        claimed = (SELECT COALESCE(MAX(claimed), 0) + 1 FROM artifacts)
+    WHERE seq = (
+        SELECT a.seq FROM artifacts a JOIN versions v ON v.seq = a.version_seq WHERE a.status = 'pending'
+        ORDER BY (SELECT MAX(b.claimed) FROM artifacts b JOIN versions w ON w.seq = b.version_seq
+                  WHERE w.uploaded_by IS v.uploaded_by) NULLS FIRST, a.seq
+        LIMIT 1)
+    RETURNING seq
+"""
 
 _MODEL_COLUMNS = """
     m.seq, m.id, m.name, m.use_case, m.framework, m.framework_version, m.description, m.is_baseline, m.round_id,
@@ -261,11 +278,12 @@ class Database:
             return await cur.fetchone()  # type: ignore[return-value]
 
     async def claim_job(self, when: str) -> Row | None:
-        """Mark the oldest pending artifact running and return it with what the converter needs."""
+        """Mark a pending artifact running and return it with what the converter needs.
+
+        Round-robin by uploader: the oldest pending job of the key whose last claimed job is oldest (or who has
+        none), so one key's queue of hostile jobs delays another key by at most one job per worker."""
         async with self.transaction() as conn:
-            cur = await conn.execute(
-                "UPDATE artifacts SET status = 'running', updated_at = ? WHERE seq = "
-                "(SELECT seq FROM artifacts WHERE status = 'pending' ORDER BY seq LIMIT 1) RETURNING seq", (when,))
+            cur = await conn.execute(_CLAIM_NEXT, (when,))
             claimed = await cur.fetchone()
             if claimed is None:
                 return None

@@ -227,8 +227,11 @@ class Registry:
     def stage_upload(self) -> StagedBlob:
         return self.blobs.stage()
 
-    async def upload_version(self, model_id: str, files: dict[str, UploadedFile], form: UploadForm) -> UploadedVersion:
-        """Turn finished, staged bytes into the model's next version (the caller discards the staged files)."""
+    async def upload_version(self, model_id: str, files: dict[str, UploadedFile], form: UploadForm,
+                             uploader: str | None = None) -> UploadedVersion:
+        """Turn finished, staged bytes into the model's next version (the caller discards the staged files).
+
+        UPLOADER (the key's name) is whose turn its conversions wait for: jobs are claimed round-robin by key."""
         row = await self._model_row(model_id)
         upload = files["file"]
         staged = upload.staged
@@ -251,7 +254,7 @@ class Registry:
             artifacts.append({"format": "onnx", "status": "pending", "updated_at": now})
         version = {"label": form.label, "format": fmt, "kind": sniffed.kind, "digest": staged.digest,
                    "size": staged.size, "description": form.description, "round_id": form.round_id,
-                   "accuracy": form.accuracy, "loss": form.loss, "uploaded_at": now,
+                   "accuracy": form.accuracy, "loss": form.loss, "uploaded_at": now, "uploaded_by": uploader,
                    "input_shape": json.dumps(form.input_shape) if form.input_shape else None}
         figures = {k: getattr(form, k) for k in ("round_id", "accuracy", "loss") if getattr(form, k) is not None}
 

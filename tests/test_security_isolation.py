@@ -18,7 +18,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import Api, on_app_loop
+from litestar.testing import AsyncTestClient
 
+from octomil_lite.app import create_app
 from octomil_lite.config import Config
 from octomil_lite.registry import Registry
 from octomil_lite.sandbox import JobFiles, Limits, Sandbox, SandboxError
@@ -409,3 +412,79 @@ def test_without_isolation_these_tests_fail_under_ci_and_skip_otherwise(ci: str,
         assert "bubblewrap ('bwrap') is not installed" in done.stdout
     else:
         assert done.returncode == 0 and "1 skipped" in summary, done.stdout[-2000:]
+
+
+# ---- one hostile key cannot hold conversions hostage -----------------------------------------------------
+
+async def test_jobs_are_claimed_round_robin_by_uploading_key(tmp_path: Path) -> None:
+    from octomil_lite.db import Database
+
+    db = await Database.open(tmp_path / "registry.sqlite3")
+    await db.insert_model({"id": "m", "created_at": "t"})
+    model = await db.get_model("m")
+    assert model is not None
+
+    async def publish() -> None:
+        return None
+
+    async def upload(key: str) -> int:
+        row = {"format": "pickle", "kind": "pickle", "digest": "0" * 64, "size": 1, "uploaded_at": "t",
+               "uploaded_by": key}
+        number = await db.insert_version(model["seq"], row, {}, [{"format": "onnx", "status": "pending",
+                                                                   "updated_at": "t"}], publish)
+        assert number is not None
+        return number
+
+    numbers = {"hostile": [await upload("hostile") for _ in range(4)]}
+    first = await db.claim_job("t")  # the hostile key's first job is running
+    numbers["other"] = [await upload("other"), await upload("other")]
+    order = [first]
+    while (job := await db.claim_job("t")) is not None:
+        order.append(job)
+    versions = {}
+    for number in range(1, 7):
+        version = await db.get_version(model["seq"], number=number)
+        assert version is not None
+        versions[version["seq"]] = number
+    claimed = [versions[job["version_seq"]] for job in order]  # type: ignore[index]
+    h, o = numbers["hostile"], numbers["other"]
+    assert claimed == [h[0], o[0], h[1], o[1], h[2], h[3]]
+    await db.close()
+
+
+# ---- fail closed where isolation cannot work --------------------------------------------------------------
+
+async def wait_for_onnx(api: Api, model_id: str, version: int) -> dict[str, object]:
+    for _ in range(600):
+        resp = await api.client.get(f"/api/v1/models/{model_id}/versions/{version}", headers=api.headers)
+        status = resp.json()["formats"]["onnx"]
+        if status["status"] not in ("pending", "running"):
+            return status  # type: ignore[no-any-return]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"still {status}")
+
+
+@pytest.mark.parametrize("unsafe", [False, True])
+async def test_without_bubblewrap_conversions_are_unavailable_unless_the_operator_accepts_the_risk(
+        unsafe: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sklearn_pickle: bytes,
+        onnx_bytes: bytes) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # this machine without bwrap
+    config = Config(data_dir=tmp_path / "data", rate_limit=0, conversion_workers=1, unsafe_conversions=unsafe)
+    async with AsyncTestClient(app=create_app(config)) as client:
+        registry: Registry = client.app.state.registry
+        api = Api(client, registry, {"admin": await on_app_loop(client, registry.create_key, "t", "admin")})
+        health = (await client.get("/health")).json()["isolation"]
+        assert health["isolated"] is False and health["unsafe_conversions"] is unsafe
+        assert "bubblewrap ('bwrap') is not installed" in health["reason"]
+        assert "apt-get install bubblewrap" in health["reason"]
+        model = await api.create_model(name="m", framework="sklearn")
+        version = (await api.upload(model["id"], sklearn_pickle, "model.pkl")).json()["version"]  # stored anyway
+        status = await wait_for_onnx(api, model["id"], version)
+        onnx_upload = await api.upload(model["id"], onnx_bytes, "model.onnx", expect=None)
+    if unsafe:
+        assert status["status"] == "ready", status
+        assert onnx_upload.status_code == 201
+    else:
+        assert status["status"] == "unavailable" and "bubblewrap" in str(status["reason"]), status
+        assert onnx_upload.status_code == 503, onnx_upload.text
+        assert "isolated job" in onnx_upload.json()["message"]

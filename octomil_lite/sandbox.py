@@ -99,8 +99,8 @@ _DENIED_SYSCALLS = (
     "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct", "quotactl", "open_by_handle_at",
     "name_to_handle_at", "syslog", "vhangup", "lookup_dcookie", "personality", "uselib", "fanotify_init",
 )
-_CLONE_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000,
-                          0x00000080)  # NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET, NEWTIME
+_CLONE_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
+                          0x40000000)  # NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
 _AF_UNIX = 1
 
 
@@ -216,18 +216,18 @@ class _JobCgroup:
 
 # --- the launcher --------------------------------------------------------------------------------------------
 
-def _read_only_roots() -> list[Path]:
+@cache
+def _read_only_roots() -> tuple[Path, ...]:
     """What a job needs to run Python: system libraries, the interpreter, the environment and this package."""
     import octomil_lite
 
-    roots = [Path("/usr"), Path(sys.base_prefix), Path(sys.prefix), Path(octomil_lite.__file__).parent]
-    for candidate in (Path(sys.executable).resolve().parent.parent,):
-        roots.append(candidate)
+    roots = [Path("/usr"), Path(sys.base_prefix), Path(sys.prefix), Path(octomil_lite.__file__).parent,
+             Path(sys.executable).resolve().parent.parent]
     unique: list[Path] = []
     for root in sorted({r.resolve() for r in roots if r.exists()}, key=lambda p: len(p.parts)):
         if not any(root.is_relative_to(u) for u in unique):
             unique.append(root)
-    return unique
+    return tuple(unique)
 
 
 def _system_links() -> list[str]:

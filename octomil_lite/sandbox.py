@@ -49,7 +49,7 @@ class Limits:
     cpu_seconds: int = 1200  # per process
     file_size_bytes: int = 16 * 1024**3  # largest file it may write, the output included
     scratch_bytes: int = 4 * 1024**3
-    max_processes: int = 64
+    max_processes: int = 256  # threads count too (TensorFlow starts dozens)
 
 
 CHECK_LIMITS = Limits(timeout=300.0, cpu_seconds=300)  # onnx.checker on an upload or a converter's output
@@ -307,7 +307,7 @@ class Sandbox:
             args += ["--ro-bind", str(root), str(root)]
         for hidden in self.hidden:
             if any(hidden.is_relative_to(r) for r in _read_only_roots()):
-                args += ["--tmpfs", str(hidden)]
+                args += ["--size", "4096", "--tmpfs", str(hidden), "--remount-ro", str(hidden)]
         args += _system_links()
         args += ["--proc", "/proc", "--dev", "/dev", "--size", str(64 * 1024**2), "--perms", "1777",
                  "--tmpfs", "/dev/shm", "--remount-ro", "/dev",  # POSIX semaphores need a small /dev/shm
@@ -415,7 +415,7 @@ class Sandbox:
                 env["OCTOMIL_JOB_OUT_FD"] = str(out_fd)
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     pass_fds=passed, close_fds=True, cwd=scratch, env=env, start_new_session=True)
-            _set_rlimits(proc.pid, limits)
+            _set_rlimits(proc.pid, limits, own_user_namespace=False)
             try:
                 return _communicate(proc, stdin, limits, cancel, kill=lambda: _kill_group(proc))
             finally:
@@ -446,11 +446,15 @@ class Sandbox:
         return _worker_result(done)
 
 
-def _set_rlimits(pid: int, limits: Limits) -> None:
-    """Per-process limits, inherited by everything the job starts (the cgroup bounds the sum)."""
+def _set_rlimits(pid: int, limits: Limits, own_user_namespace: bool = True) -> None:
+    """Per-process limits, inherited by everything the job starts (the cgroup bounds the sum).
+
+    RLIMIT_NPROC counts the job's processes in its own user namespace, except where the server runs as root
+    (the kernel exempts uid 0): there only the pids cgroup bounds them. Unisolated, it would count the server's."""
     for res, value in ((resource.RLIMIT_AS, limits.memory_bytes), (resource.RLIMIT_CPU, limits.cpu_seconds),
                        (resource.RLIMIT_FSIZE, limits.file_size_bytes), (resource.RLIMIT_CORE, 0),
-                       (resource.RLIMIT_NOFILE, 1024)):
+                       (resource.RLIMIT_NOFILE, 1024),
+                       *([(resource.RLIMIT_NPROC, limits.max_processes)] if own_user_namespace else [])):
         with contextlib.suppress(ProcessLookupError):
             resource.prlimit(pid, res, (value, value))
 

@@ -5,6 +5,10 @@ network, UTS and cgroup namespaces, runs as uid/gid 65534 with no capabilities a
 Python environment and system libraries read-only, a size-limited tmpfs scratch (its only writable place) and
 its input file read-only; its result leaves through one file descriptor the parent opened. The whole job tree
 shares one memory and process limit (cgroup), and killing the PID namespace's init ends every process in it.
+
+Outside its user namespace a job has the server's uid (bwrap maps the sandbox uid to its caller's), so a job
+must never hold a descriptor of a server file but its output: it could reopen it read-write through
+/proc/self/fd. Inputs are bind-mounted read-only instead (a warm worker must get a copy or a sealed memfd).
 """
 
 from __future__ import annotations

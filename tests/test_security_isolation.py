@@ -197,14 +197,20 @@ def test_only_stdio_and_the_output_descriptor_are_open(sandbox: Sandbox, tmp_pat
                 except OSError:
                     pass
             out = int(os.environ["OCTOMIL_JOB_OUT_FD"])
+            try:
+                open("/job/model", "r+b")
+                reopened = "writable"
+            except OSError as exc:
+                reopened = exc.errno
             os.write(out, open("/job/model", "rb").read())
-            print(json.dumps({"fds": open_fds, "out": out, "model_writable": os.access("/job/model", os.W_OK)}))
+            print(json.dumps({"fds": open_fds, "out": out, "model_reopened": reopened,
+                              "model_writable": os.access("/job/model", os.W_OK)}))
         """, files=JobFiles({"model": model}, output=tmp_path / "result"))
     finally:
         os.close(leak)
     seen = report(done)
     assert seen["fds"] == [0, 1, 2, seen["out"]]
-    assert seen["model_writable"] is False
+    assert seen["model_writable"] is False and seen["model_reopened"] == 30  # EROFS: the input is read-only
     assert (tmp_path / "result").read_bytes() == b"model bytes"
 
 

@@ -54,6 +54,7 @@ class Limits:
     file_size_bytes: int = 16 * 1024**3  # largest file it may write, the output included
     scratch_bytes: int = 4 * 1024**3
     max_processes: int = 256  # threads count too (TensorFlow starts dozens)
+    cpu_cores: float = 1.0  # CPU bandwidth of the whole job, so the server keeps the rest
 
 
 CHECK_LIMITS = Limits(timeout=300.0, cpu_seconds=300)  # onnx.checker on an upload or a converter's output
@@ -133,66 +134,75 @@ def seccomp_program() -> bytes:
 # --- cgroups -------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class _Controller:
-    root: Path  # this process's own cgroup directory for the controller; jobs nest under it
-    memory_file: str | None  # None for the pids controller
+class _Cgroups:
+    """Where this process may make job cgroups: its own cgroup, per controller (v2: one directory for all)."""
+
+    version: int
+    roots: dict[str, Path]  # memory, pids and, where available, cpu
+
+    @property
+    def name(self) -> str:
+        return f"cgroup v{self.version}"
+
+    def limit_files(self, limits: Limits) -> dict[str, dict[str, str]]:
+        """controller -> {file: value}; files this kernel lacks (swap accounting) are skipped."""
+        memory, quota = str(limits.memory_bytes), str(int(limits.cpu_cores * 100_000))
+        if self.version == 2:
+            return {"memory": {"memory.max": memory, "memory.swap.max": "0"},
+                    "pids": {"pids.max": str(limits.max_processes)}, "cpu": {"cpu.max": f"{quota} 100000"}}
+        return {"memory": {"memory.limit_in_bytes": memory, "memory.memsw.limit_in_bytes": memory},
+                "pids": {"pids.max": str(limits.max_processes)},
+                "cpu": {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": quota}}
 
 
-def _own_cgroups() -> dict[str, tuple[str, str]]:
-    """controller (or '' for v2) -> (hierarchy id, path) from /proc/self/cgroup."""
-    out: dict[str, tuple[str, str]] = {}
+def _own_cgroups() -> dict[str, str]:
+    """controller (or '' for v2) -> this process's cgroup path, from /proc/self/cgroup."""
+    out: dict[str, str] = {}
     for line in Path("/proc/self/cgroup").read_text().splitlines():
-        hid, controllers, path = line.split(":", 2)
+        _, controllers, path = line.split(":", 2)
         for name in controllers.split(",") if controllers else [""]:
-            out[name] = (hid, path)
+            out[name] = path
     return out
 
 
-def _find_controllers() -> tuple[str, dict[str, _Controller]] | None:
-    """Writable memory and pids controllers under our own cgroup: v2 if delegated, else v1, else None."""
+def _find_cgroups() -> _Cgroups | None:
+    """Writable memory and pids controllers (cpu if it is there too) under our own cgroup: v2, else v1."""
     own = _own_cgroups()
     mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
     v2 = next((Path(m[1]) for m in mounts if m[2] == "cgroup2"), None)
     if v2 is not None and "" in own:
-        base = v2 / own[""][1].lstrip("/")
-        enabled = (base / "cgroup.controllers").read_text().split() if (base / "cgroup.controllers").exists() else []
-        if {"memory", "pids"} <= set(enabled) and os.access(base, os.W_OK):
+        base = v2 / own[""].lstrip("/")
+        enabled = set((base / "cgroup.controllers").read_text().split()) if base.is_dir() else set()
+        if {"memory", "pids"} <= enabled and os.access(base, os.W_OK):
+            wanted = sorted({"memory", "pids", "cpu"} & enabled)
             with contextlib.suppress(OSError):
-                (base / "cgroup.subtree_control").write_text("+memory +pids")
-            return "cgroup v2", {"memory": _Controller(base, "memory.max"), "pids": _Controller(base, None)}
-    found: dict[str, _Controller] = {}
-    for name, memory_file in (("memory", "memory.limit_in_bytes"), ("pids", None)):
+                (base / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in wanted))
+            return _Cgroups(2, dict.fromkeys(wanted, base))
+    roots: dict[str, Path] = {}
+    for name in ("memory", "pids", "cpu"):
         mount = next((Path(m[1]) for m in mounts if m[2] == "cgroup" and name in m[3].split(",")), None)
-        if mount is None or name not in own:
+        base = mount / own[name].lstrip("/") if mount is not None and name in own else None
+        if base is not None and os.access(base, os.W_OK):
+            roots[name] = base
+        elif name != "cpu":
             return None
-        base = mount / own[name][1].lstrip("/")
-        if not os.access(base, os.W_OK):
-            return None
-        found[name] = _Controller(base, memory_file)
-    return "cgroup v1", found
+    return _Cgroups(1, roots)
 
 
 class _JobCgroup:
     """One cgroup per controller for one job; every process of the job is in it, and it is removed after."""
 
-    def __init__(self, controllers: dict[str, _Controller], limits: Limits):
+    def __init__(self, cgroups: _Cgroups, limits: Limits):
         name = f"octomil-lite-job-{uuid.uuid4().hex[:12]}"
         self.dirs: list[Path] = []
-        unique = {c.root: c for c in controllers.values()}  # v2: one directory holds both controllers
-        for ctl in unique.values():
-            path = ctl.root / name
-            path.mkdir()
-            self.dirs.append(path)
-        for ctl in controllers.values():
-            path = ctl.root / name
-            if ctl.memory_file:
-                (path / ctl.memory_file).write_text(str(limits.memory_bytes))
-                for swap in ("memory.memsw.limit_in_bytes", "memory.swap.max"):
-                    if (path / swap).exists():
-                        with contextlib.suppress(OSError):
-                            (path / swap).write_text("0" if swap == "memory.swap.max" else str(limits.memory_bytes))
-            else:
-                (path / "pids.max").write_text(str(limits.max_processes))
+        for root in dict.fromkeys(cgroups.roots.values()):
+            (root / name).mkdir()
+            self.dirs.append(root / name)
+        files = cgroups.limit_files(limits)
+        for controller, root in cgroups.roots.items():
+            for file, value in files[controller].items():
+                if (root / name / file).exists():
+                    (root / name / file).write_text(value)
 
     def add(self, pid: int) -> None:
         for path in self.dirs:
@@ -265,7 +275,7 @@ class Sandbox:
         self.hidden = [p.resolve() for p in hidden]  # never visible to a job even if under a bound root
         self.isolated = isolated
         self.allow_unsafe = allow_unsafe  # --unsafe-conversions: run unisolated where isolation is unavailable
-        self._cgroups: tuple[str, dict[str, _Controller]] | None = None
+        self._cgroups: _Cgroups | None = None
         self.isolation = Isolation(available=False, reason="not probed yet")
 
     def probe(self) -> Isolation:
@@ -288,10 +298,10 @@ class Sandbox:
             return Isolation(False, f"seccomp filters cannot be built ({type(exc).__name__}: {exc}): "
                                     "pip install pyseccomp and install libseccomp2")
         try:
-            self._cgroups = _find_controllers()
+            self._cgroups = _find_cgroups()
         except OSError:
             self._cgroups = None
-        containment = self._cgroups[0] if self._cgroups else "rlimits"
+        containment = self._cgroups.name if self._cgroups else "rlimits"
         try:
             result = self.run_sync(["/bin/true"], Limits(timeout=20), stdin=b"")
         except SandboxError as exc:
@@ -357,7 +367,7 @@ class Sandbox:
             else:
                 env_out = {}
             if self._cgroups:
-                cgroup = _JobCgroup(self._cgroups[1], limits)
+                cgroup = _JobCgroup(self._cgroups, limits)
             proc = subprocess.Popen(
                 [*self._bwrap_args(files, limits, fds), "--", *argv], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=passed, close_fds=True,

@@ -373,6 +373,27 @@ def test_three_children_near_the_limit_share_one_job_memory_limit(sandbox: Sandb
     assert -9 in statuses, statuses  # the kernel killed at least one: together they exceeded the job's limit
 
 
+def test_the_job_shares_one_cpu_quota(sandbox: Sandbox) -> None:
+    if sandbox.isolation.containment == "rlimits" or "cpu" not in sandbox._cgroups.roots:  # type: ignore[union-attr]
+        pytest.skip("no writable cpu cgroup: CPU time is limited per process only")
+    done = run_hostile(sandbox, """
+        import json, os, time
+        readers = []
+        for _ in range(2):  # two spinners for one second of wall time
+            r, w = os.pipe()
+            if os.fork() == 0:
+                end = time.monotonic() + 1.0
+                while time.monotonic() < end:
+                    pass
+                os.write(w, str(time.process_time()).encode())
+                os._exit(0)
+            os.close(w)
+            readers.append(r)
+        print(json.dumps(sum(float(os.read(r, 64)) for r in readers)))
+    """, limits=Limits(timeout=30, cpu_cores=0.05))
+    assert report(done) < 0.1  # a twentieth of a core for the whole job, not up to two cores
+
+
 def test_a_double_forked_daemon_is_gone_when_the_job_ends(sandbox: Sandbox) -> None:
     marker = f"daemon-{uuid.uuid4().hex}"
     done = run_hostile(sandbox, f"""

@@ -68,18 +68,20 @@ def main() -> None:
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
+@click.option("--conversion-timeout", default=900.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds one conversion job may take before it is killed with every process it started.")
 @click.option("--unsafe-conversions", is_flag=True,
               help="Run conversion jobs WITHOUT isolation where it cannot be set up (an uploaded model file can "
                    "then take over the server).")
 def serve(host: str, port: int, data_dir: Path | None, max_upload_size: str, rate_limit: int,
-          log_level: str, access_log: bool, unsafe_conversions: bool) -> None:
+          log_level: str, access_log: bool, conversion_timeout: float, unsafe_conversions: bool) -> None:
     """Run the registry server."""
     from .app import create_app
     from .httpserver import run
 
     config = Config(data_dir=data_dir or default_data_dir(), host=host, port=port,
                     max_upload_size=_size(max_upload_size), rate_limit=rate_limit,
-                    unsafe_conversions=unsafe_conversions)
+                    conversion_timeout=conversion_timeout, unsafe_conversions=unsafe_conversions)
 
     try:
         key = _with_registry(config, lambda r: r.first_admin_key())

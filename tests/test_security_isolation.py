@@ -481,6 +481,11 @@ async def test_jobs_are_claimed_round_robin_by_uploading_key(tmp_path: Path) -> 
 
 # ---- fail closed where isolation cannot work --------------------------------------------------------------
 
+async def test_health_reports_the_isolation_in_force(sandbox: Sandbox, api: Api) -> None:
+    health = (await api.client.get("/health")).json()["isolation"]
+    assert health == {"isolated": True, "unsafe_conversions": False, "containment": sandbox.isolation.containment}
+
+
 async def wait_for_onnx(api: Api, model_id: str, version: int) -> dict[str, object]:
     for _ in range(600):
         resp = await api.client.get(f"/api/v1/models/{model_id}/versions/{version}", headers=api.headers)

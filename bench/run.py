@@ -420,14 +420,14 @@ def mlflow_ops(c: Client, tag: str, n: int) -> dict[str, Callable[[int], tuple[s
 
 
 async def seed(data_dir: Path, count: int) -> float:
-    """Insert `count` models through the project's own Database (schema, migrations, writer transaction)."""
+    """Insert `count` models through the project's own SQLiteStore (schema, migrations, writer transaction)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from octomil_lite.db import Database, _insert
     from octomil_lite.registry import utc_now
+    from octomil_lite.storage.sqlite import SQLiteStore, _insert
 
     frameworks = ["pytorch", "tensorflow", "xgboost", "sklearn"]
     data_dir.mkdir(parents=True, exist_ok=True)
-    db = await Database.open(data_dir / "registry.sqlite3")
+    db = await SQLiteStore.open(data_dir / "registry.sqlite3")
     t0 = time.perf_counter()
     try:
         rnd = random.Random(5)

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from octomil_lite.sandbox import CHECK_LIMITS, JobFiles, Sandbox
+from octomil_lite.convert.sandbox import CHECK_LIMITS, JobFiles, Sandbox
 
 
 def small_onnx(path: Path) -> None:
@@ -46,7 +46,7 @@ def main() -> None:
         jobs = {
             "/bin/true": (["/bin/true"], None),
             "python -I -c pass": ([sys.executable, "-I", "-c", "pass"], None),
-            "check-onnx task": ([sys.executable, "-I", "-m", "octomil_lite.worker", "check-onnx"],
+            "check-onnx task": ([sys.executable, "-I", "-m", "octomil_lite.convert.worker", "check-onnx"],
                                 JobFiles({"model": model})),
         }
         print(f"containment: {isolation.containment}; {args.runs} runs each, alternating; median ms (p90)\n")

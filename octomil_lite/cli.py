@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import click
 
-from . import __version__
+from . import __version__, maintenance
 from .cli_client import CLIENT_COMMANDS
 from .config import Config, default_data_dir
 from .errors import OctomilError
@@ -76,8 +76,8 @@ def main() -> None:
 def serve(host: str, port: int, data_dir: Path | None, max_upload_size: str, rate_limit: int,
           log_level: str, access_log: bool, conversion_timeout: float, unsafe_conversions: bool) -> None:
     """Run the registry server."""
-    from .app import create_app
-    from .httpserver import run
+    from .server.app import create_app
+    from .server.httpserver import run
 
     config = Config(data_dir=data_dir or default_data_dir(), host=host, port=port,
                     max_upload_size=_size(max_upload_size), rate_limit=rate_limit,
@@ -145,7 +145,7 @@ def _bytes(n: int) -> str:
 def gc(grace: float, dry_run: bool, data_dir: Path | None) -> None:
     """Delete blobs that no version references, and leftover temp files."""
     config = Config(data_dir=data_dir or default_data_dir())
-    done = _with_registry(config, lambda r: r.gc(grace, dry_run))
+    done = _with_registry(config, lambda r: maintenance.gc(r.db, r.blobs, grace, dry_run))
     verb = "would delete" if dry_run else "deleted"
     click.echo(f"{verb} {done['blobs']} unreferenced blob(s), {_bytes(done['blob_bytes'])}; "
                f"{done['temp_files']} temp file(s), {_bytes(done['temp_bytes'])}")
@@ -156,7 +156,7 @@ def gc(grace: float, dry_run: bool, data_dir: Path | None) -> None:
 def verify(data_dir: Path | None) -> None:
     """Re-hash every blob and check every row against the store; exit 1 on any problem."""
     config = Config(data_dir=data_dir or default_data_dir())
-    problems, counts = _with_registry(config, lambda r: r.verify())
+    problems, counts = _with_registry(config, lambda r: maintenance.verify(r.db, r.blobs))
     for problem in problems:
         click.echo(f"PROBLEM: {problem}")
     click.echo(f"checked {counts['blobs']} blob(s) ({_bytes(counts['bytes'])}) and {counts['rows']} row(s); "

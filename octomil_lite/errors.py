@@ -59,8 +59,3 @@ class RateLimited(OctomilError):
 class ServiceUnavailable(OctomilError):
     status = 503
     code = "service_unavailable"
-
-
-class StorageFull(OctomilError):
-    status = 507
-    code = "insufficient_storage"

@@ -10,7 +10,6 @@ import logging
 import os
 import re
 import secrets
-import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,13 +19,11 @@ from typing import Any
 
 import msgspec
 
-from . import auth, formats
-from .blobstore import BlobStore, StagedBlob
+from . import auth, formats, storage
 from .config import Config
-from .conversions import TARGETS, ConversionPool
-from .db import Database, Row
+from .convert.pool import TARGETS, ConversionPool
+from .convert.sandbox import CHECK_LIMITS, IsolationUnavailable, JobFiles, Limits, Sandbox, SandboxError
 from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError, ServiceUnavailable
-from .sandbox import CHECK_LIMITS, IsolationUnavailable, JobFiles, Limits, Sandbox, SandboxError
 from .schemas import (
     DOWNLOAD_FORMATS,
     CreateModel,
@@ -40,7 +37,7 @@ from .schemas import (
     VersionDetail,
     VersionSummary,
 )
-from .uploads import UploadedFile
+from .storage import BlobStore, MetadataStore, Row, StagedBlob
 
 log = logging.getLogger("octomil_lite.registry")
 
@@ -63,6 +60,14 @@ class Artifact:
     @property
     def hash(self) -> str:
         return f"sha256:{self.digest}"
+
+
+@dataclass
+class UploadedFile:
+    """One file part of an upload: its staged bytes and the file name the client gave."""
+
+    staged: StagedBlob
+    filename: str
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ def _format_status(a: Row) -> FormatStatus:
 class Registry:
     """Models, versions, blobs, conversions and keys of one data directory."""
 
-    def __init__(self, config: Config, db: Database, blobs: BlobStore, secret: bytes):
+    def __init__(self, config: Config, db: MetadataStore, blobs: BlobStore, secret: bytes):
         self.config = config
         self.db = db
         self.blobs = blobs
@@ -129,8 +134,7 @@ class Registry:
     @classmethod
     async def open(cls, config: Config) -> Registry:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        blobs = BlobStore(config.data_dir)
-        db = await Database.open(config.data_dir / "registry.sqlite3")
+        db, blobs = await storage.open_stores(config.data_dir)
         return cls(config, db, blobs, _secret(config.data_dir / "secret.key"))
 
     async def start(self) -> None:
@@ -185,7 +189,7 @@ class Registry:
         row.update(id=str(uuid.uuid4()), is_baseline=int(bool(req.is_baseline)), created_at=utc_now())
         try:
             await self.db.insert_model(row)
-        except sqlite3.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"A model named '{req.name}' was created at the same moment; retry.") from None
         return self._model({**row, "digest": None, "size": None}), True
 
@@ -196,7 +200,7 @@ class Registry:
             fields["is_baseline"] = int(fields["is_baseline"])
         try:
             await self.db.update_model(row["seq"], fields)
-        except sqlite3.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"A model named '{fields.get('name')}' already exists; names are unique.") from None
         return self._model({**row, **fields})
 
@@ -263,7 +267,7 @@ class Registry:
 
         try:
             number = await self.db.insert_version(row["seq"], version, figures, artifacts, publish)
-        except sqlite3.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"Model '{row['id']}' already has a version labelled '{form.label}'.") from None
         finally:
             await staged.discard()
@@ -390,49 +394,6 @@ class Registry:
             raise OctomilError(f"The stored bytes of {artifact.filename} are missing or unreadable ({exc.strerror}); "
                                "run 'octomil-lite verify'.") from None
 
-    # maintenance
-
-    async def gc(self, grace: float, dry_run: bool) -> dict[str, int]:
-        """Delete blobs no row references and temp files, both untouched for `grace` seconds."""
-        referenced = await self.db.referenced_digests()
-        cutoff = time.time() - grace
-        candidates = set()
-        for digest in self.blobs.digests():
-            if digest not in referenced and self.blobs.path(digest).lstat().st_mtime < cutoff:
-                candidates.add(digest)
-        if dry_run:
-            sizes = sum(self.blobs.path(d).lstat().st_size for d in candidates)
-            temps = self.blobs.sweep_tmp(older_than=grace, dry_run=True)
-            return {"blobs": len(candidates), "blob_bytes": sizes, "temp_files": temps[0], "temp_bytes": temps[1]}
-        count, freed = await self.db.delete_unreferenced(candidates, self.blobs.delete)
-        temps = self.blobs.sweep_tmp(older_than=grace)
-        return {"blobs": count, "blob_bytes": freed, "temp_files": temps[0], "temp_bytes": temps[1]}
-
-    async def verify(self) -> tuple[list[str], dict[str, int]]:
-        """Re-hash every blob and check every row against the store; return (problems, counts)."""
-        problems: list[str] = []
-        stored = set(self.blobs.digests())
-        checked = checked_bytes = 0
-        for digest in sorted(stored):
-            actual, size = await asyncio.to_thread(self.blobs.rehash, digest)
-            checked, checked_bytes = checked + 1, checked_bytes + size
-            if actual != digest:
-                problems.append(f"blob {digest} is corrupt: its bytes hash to {actual}")
-        rows = await self.db.stored_references()
-        for row in rows:
-            where = f"model {row['model_id']} version {row['number']} ({row['format']})"
-            if row["digest"] not in stored:
-                problems.append(f"{where} points at missing blob {row['digest']}")
-            elif self.blobs.path(row["digest"]).lstat().st_size != row["size"]:
-                problems.append(f"{where} records {row['size']} bytes but blob {row['digest']} has a different size")
-        integrity = await self.db.integrity_check()
-        if integrity != "ok":
-            problems.append(f"SQLite integrity check: {integrity}")
-        referenced = {r["digest"] for r in rows}
-        temps = self.blobs.sweep_tmp(older_than=0, dry_run=True)
-        return problems, {"blobs": checked, "bytes": checked_bytes, "rows": len(rows),
-                          "orphan_blobs": len(stored - referenced), "temp_files": temps[0]}
-
     # api keys
 
     async def create_key(self, name: str, scope: str) -> str:
@@ -444,7 +405,7 @@ class Registry:
         try:
             await self.db.insert_key({"name": name, "key_hash": auth.hash_key(key), "prefix": key[:8],
                                       "scope": scope, "created_at": utc_now()})
-        except sqlite3.IntegrityError:
+        except storage.Conflict:
             raise Conflict(f"An active key named '{name}' already exists; revoke it or pick another name.") from None
         return key
 

@@ -18,15 +18,43 @@ import numpy as np
 import pytest
 from litestar.testing import AsyncTestClient
 
-from octomil_lite.app import create_app
 from octomil_lite.config import Config
 from octomil_lite.registry import Registry
+from octomil_lite.server.app import create_app
+from octomil_lite.storage import BlobStore, MetadataStore
 
 T = TypeVar("T")
 
 
 def bearer(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(params=["sqlite"])
+async def metadata_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MetadataStore]:
+    """Each MetadataStore backend in turn (a second backend adds its name to params)."""
+    from octomil_lite.storage.sqlite import SQLiteStore
+
+    store = await SQLiteStore.open(tmp_path / "registry.sqlite3")
+    yield store
+    await store.close()
+
+
+@pytest.fixture(params=["local"])
+def blob_store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    """Each BlobStore backend in turn (a second backend adds its name to params)."""
+    from octomil_lite.storage.local import LocalBlobStore
+
+    return LocalBlobStore(tmp_path)
+
+
+async def put_blob(store: BlobStore, data: bytes, chunk: int = 1000) -> str:
+    """Stage `data` in chunks, finish and commit it; return its digest."""
+    staged = store.stage()
+    for i in range(0, len(data), chunk):
+        await staged.write(data[i : i + chunk])
+    await staged.finish()
+    return await store.commit(staged)
 
 
 @pytest.fixture

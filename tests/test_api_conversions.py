@@ -30,8 +30,8 @@ import pytest
 from conftest import Server, bearer, make_key
 from litestar.testing import TestClient
 
-from octomil_lite.app import create_app
 from octomil_lite.config import Config
+from octomil_lite.server.app import create_app
 
 ROWS = np.random.RandomState(7).standard_normal((10, 6)).astype(np.float32)
 IMAGES = np.random.RandomState(3).standard_normal((2, 3, 8, 8)).astype(np.float32)

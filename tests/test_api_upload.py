@@ -226,8 +226,8 @@ async def test_upload_over_max_size_is_413_and_leaves_nothing(tmp_path: Path) ->
     from conftest import bearer, on_app_loop
     from litestar.testing import AsyncTestClient
 
-    from octomil_lite.app import create_app
     from octomil_lite.config import Config
+    from octomil_lite.server.app import create_app
 
     config = Config(data_dir=tmp_path / "small", rate_limit=0, max_upload_size=2 * 1024 * 1024)
     async with AsyncTestClient(app=create_app(config)) as client:

@@ -8,9 +8,9 @@ from pathlib import Path
 from conftest import Api, bearer, on_app_loop
 from litestar.testing import AsyncTestClient
 
-from octomil_lite.app import create_app
 from octomil_lite.auth import RateLimiter, hash_key
 from octomil_lite.config import Config
+from octomil_lite.server.app import create_app
 
 ROUTES = [
     ("GET", "/api/v1/models"),

@@ -20,9 +20,10 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from octomil_lite.conversions import TARGETS
-from octomil_lite.convert import available_conversions, run_job
-from octomil_lite.sandbox import JobFiles, Limits, Sandbox
+from octomil_lite.convert.pool import TARGETS
+from octomil_lite.convert.routes import available_conversions
+from octomil_lite.convert.sandbox import JobFiles, Limits, Sandbox
+from octomil_lite.convert.worker import run_job
 
 ROWS = np.random.RandomState(7).standard_normal((10, 6)).astype(np.float32)
 
@@ -200,7 +201,8 @@ def test_missing_framework_is_reported_with_the_install_command(tmp_path: Path) 
     script = (
         "import json, sys\n"
         "sys.modules['xgboost'] = None\n"
-        "from octomil_lite.convert import available_conversions, run_job\n"
+        "from octomil_lite.convert.routes import available_conversions\n"
+        "from octomil_lite.convert.worker import run_job\n"
         f"payload = {{'src': {str(src)!r}, 'kind': 'xgboost-json', 'framework_hint': 'xgboost', "
         f"'target': 'onnx', 'out_dir': {str(out)!r}, 'options': {{}}}}\n"
         "print(json.dumps([run_job(payload), available_conversions()]))\n"
@@ -494,7 +496,7 @@ def test_onnx_to_other_formats_is_impossible_with_a_route(tmp_path: Path, target
 
 
 def test_available_conversions_imports_no_framework() -> None:
-    code = ("import json, sys\nfrom octomil_lite.convert import available_conversions\n"
+    code = ("import json, sys\nfrom octomil_lite.convert.routes import available_conversions\n"
             "table = available_conversions()\n"
             "heavy = ('torch', 'tensorflow', 'xgboost', 'sklearn'); "
             "print(json.dumps([table, sorted(m for m in heavy if m in sys.modules)]))")

@@ -19,9 +19,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 
-from octomil_lite import safe_pickle
-from octomil_lite.convert import run_job
-from octomil_lite.safe_pickle import RefusedGlobal
+from octomil_lite.convert import safe_pickle
+from octomil_lite.convert.safe_pickle import RefusedGlobal
+from octomil_lite.convert.worker import run_job
 
 
 class Reduces:

@@ -1,7 +1,7 @@
 """Hostile code inside a conversion job cannot reach the registry (issue 12).
 
 Every test runs arbitrary Python inside exactly the job sandbox the converter uses (the `Sandbox` of a real
-Registry over a real data directory, started the same way as `octomil_lite.worker`, only with `-c CODE`), and
+Registry over a real data directory, started the same way as `octomil_lite.convert.worker`, only with `-c CODE`), and
 shows the attack failing from the inside. Where isolation cannot be set up the tests skip, and fail under CI=true.
 """
 
@@ -21,10 +21,10 @@ import pytest
 from conftest import Api, on_app_loop
 from litestar.testing import AsyncTestClient
 
-from octomil_lite.app import create_app
 from octomil_lite.config import Config
+from octomil_lite.convert.sandbox import JobFiles, Limits, Sandbox, SandboxError
 from octomil_lite.registry import Registry
-from octomil_lite.sandbox import JobFiles, Limits, Sandbox, SandboxError
+from octomil_lite.server.app import create_app
 
 FAST = Limits(timeout=30, memory_bytes=1024**3, scratch_bytes=64 * 1024**2, max_processes=32)
 
@@ -444,9 +444,9 @@ def test_without_isolation_these_tests_fail_under_ci_and_skip_otherwise(ci: str,
 # ---- one hostile key cannot hold conversions hostage -----------------------------------------------------
 
 async def test_jobs_are_claimed_round_robin_by_uploading_key(tmp_path: Path) -> None:
-    from octomil_lite.db import Database
+    from octomil_lite.storage.sqlite import SQLiteStore
 
-    db = await Database.open(tmp_path / "registry.sqlite3")
+    db = await SQLiteStore.open(tmp_path / "registry.sqlite3")
     await db.insert_model({"id": "m", "created_at": "t"})
     model = await db.get_model("m")
     assert model is not None

@@ -177,7 +177,7 @@ def test_checker_refuses_external_data_even_when_the_target_exists(builder: str,
     The sandboxed check runs in an empty directory, so today a reference to 'weights.bin' also fails for want of
     the file; here the file exists next to the model (and in the working directory) and must still be refused.
     """
-    from octomil_lite.worker import check_onnx
+    from octomil_lite.convert.onnx_checks import check_onnx
 
     (tmp_path / "weights.bin").write_bytes(SECRET)
     (tmp_path / "model").write_bytes(BUILDERS[builder]("weights.bin"))  # the job's input, as the sandbox names it

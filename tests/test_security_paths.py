@@ -22,8 +22,8 @@ import pytest
 from conftest import Api, Server, bearer, on_app_loop
 from litestar.testing import AsyncTestClient
 
-from octomil_lite.app import create_app
 from octomil_lite.config import Config
+from octomil_lite.server.app import create_app
 
 TOKEN = "evil-5c1b9e"
 BOUNDARY = b"----octomil-test-boundary"
@@ -211,7 +211,7 @@ def test_static_docs_and_api_paths_cannot_escape_over_a_raw_socket(tmp_path: Pat
         key = subprocess.run([sys.executable, "-m", "octomil_lite.cli", "keys", "create", "--name", "p"],
                              env={**os.environ, "OCTOMIL_LITE_HOME": str(home)}, capture_output=True, text=True,
                              check=True).stdout.strip()
-        source = Path(__file__).parents[1] / "octomil_lite" / "app.py"
+        source = Path(__file__).parents[1] / "octomil_lite" / "server" / "app.py"
         for target in STATIC_ESCAPES:
             out = _raw_get(server.port, target, key)
             status = int(out.split(b" ", 2)[1])

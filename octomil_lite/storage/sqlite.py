@@ -1,15 +1,18 @@
-"""SQLite metadata: one writer connection, one reader, WAL; every query of the registry lives here."""
+"""SQLite metadata store: one writer connection, one reader, WAL; every SQL query of the registry lives here."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
+
+from ..errors import DISK_FULL
+from . import Conflict, Publish, Row, StorageFull
 
 MIGRATIONS: list[str] = [
     """
@@ -107,8 +110,18 @@ _LATEST_JOIN = """
 
 _REFERENCED = "SELECT digest FROM versions UNION SELECT digest FROM artifacts WHERE digest IS NOT NULL"
 
-Row = dict[str, Any]
-Publish = Callable[[], Awaitable[None]]
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    """sqlite3's exceptions leave this module as the storage errors the registry knows."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        raise Conflict("The change clashes with a stored name, label or key; nothing was written.") from exc
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+            raise StorageFull(DISK_FULL) from exc
+        raise
 
 
 def _dict_factory(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
@@ -151,8 +164,8 @@ def _assignments(fields: Row) -> str:
     return ", ".join(f"{name} = ?" for name in fields)
 
 
-class Database:
-    """The registry's metadata store; writes are serialised through one connection."""
+class SQLiteStore:
+    """The registry's MetadataStore on SQLite; writes are serialised through one connection."""
 
     def __init__(self, reader: aiosqlite.Connection, writer: aiosqlite.Connection):
         self._reader = reader
@@ -160,7 +173,7 @@ class Database:
         self._write_lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path) -> Database:
+    async def open(cls, path: Path) -> SQLiteStore:
         await asyncio.to_thread(migrate, path)
         writer = await _connect(path)
         await writer.execute("PRAGMA synchronous = FULL")
@@ -175,20 +188,23 @@ class Database:
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """BEGIN IMMEDIATE on the writer: also excludes a concurrent `gc` in another process."""
         async with self._write_lock:
-            await self._writer.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._writer
-            except BaseException:
-                await self._writer.execute("ROLLBACK")
-                raise
-            await self._writer.execute("COMMIT")
+            with _translated():
+                await self._writer.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._writer
+                except BaseException:
+                    await self._writer.execute("ROLLBACK")
+                    raise
+                await self._writer.execute("COMMIT")
 
     async def _one(self, sql: str, params: Iterable[Any] = ()) -> Row | None:
-        rows = await self._reader.execute_fetchall(sql, tuple(params))
+        with _translated():
+            rows = await self._reader.execute_fetchall(sql, tuple(params))
         return rows[0] if rows else None  # type: ignore[index]
 
     async def _all(self, sql: str, params: Iterable[Any] = ()) -> list[Row]:
-        return list(await self._reader.execute_fetchall(sql, tuple(params)))  # type: ignore[arg-type]
+        with _translated():
+            return list(await self._reader.execute_fetchall(sql, tuple(params)))  # type: ignore[arg-type]
 
     # models
 

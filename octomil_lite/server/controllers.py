@@ -21,12 +21,11 @@ from litestar.openapi.spec import (
 )
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
-from . import __version__
-from .auth import ASGI_SCOPE_KEY
-from .errors import BadRequest
-from .registry import Registry
-from .responses import BlobResponse, blob_response
-from .schemas import (
+from .. import __version__
+from ..auth import ASGI_SCOPE_KEY
+from ..errors import BadRequest
+from ..registry import Registry
+from ..schemas import (
     UPLOAD_FORMATS,
     CreateModel,
     DownloadFormat,
@@ -41,6 +40,7 @@ from .schemas import (
     UploadedVersion,
     VersionDetail,
 )
+from .responses import BlobResponse, blob_response
 from .uploads import FORM_OVERHEAD, boundary_of, receive_upload, too_large, upload_form
 
 T = TypeVar("T")

@@ -38,6 +38,8 @@ log = logging.getLogger("octomil_lite.sandbox")
 JOB_UID = 65534  # "nobody" inside the job's user namespace
 SCRATCH = "/scratch"
 INPUT_DIR = "/job"
+INPUT_DIR_ENV = "OCTOMIL_JOB_INPUT_DIR"  # set only for unisolated jobs, whose inputs are links in a temporary dir
+OUTPUT_FD_ENV = "OCTOMIL_JOB_OUT_FD"
 BWRAP = "bwrap"
 _BWRAP_FIX = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)"
 _USERNS_FIX = ("allow user namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces>0; "
@@ -259,6 +261,11 @@ def _system_links() -> list[str]:
     return args
 
 
+def job_input(name: str) -> str:
+    """Inside a job: the path of input NAME (read-only)."""
+    return str(Path(os.environ.get(INPUT_DIR_ENV, INPUT_DIR)) / name)
+
+
 def job_env() -> dict[str, str]:
     # Nothing of the server's environment but thread caps, so a job cannot starve the server of cores.
     return {"PATH": "/usr/bin:/bin", "HOME": SCRATCH, "TMPDIR": SCRATCH, "USER": "nobody", "LANG": "C.UTF-8",
@@ -363,7 +370,7 @@ class Sandbox:
                 opened.append(out_fd)
                 # The job's only way out: write-only on one fresh file; no path to it is visible inside.
                 passed.append(out_fd)
-                env_out = {"OCTOMIL_JOB_OUT_FD": str(out_fd)}
+                env_out = {OUTPUT_FD_ENV: str(out_fd)}
             else:
                 env_out = {}
             if self._cgroups:
@@ -420,13 +427,13 @@ class Sandbox:
                 (scratch / "job").mkdir(exist_ok=True)
                 (scratch / "job" / name).symlink_to(path)
             env = {**job_env(), "HOME": str(scratch), "TMPDIR": str(scratch),
-                   "OCTOMIL_JOB_INPUT_DIR": str(scratch / "job")}
+                   INPUT_DIR_ENV: str(scratch / "job")}
             passed: list[int] = []
             if files.output is not None:
                 out_fd = os.open(files.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 opened.append(out_fd)
                 passed.append(out_fd)
-                env["OCTOMIL_JOB_OUT_FD"] = str(out_fd)
+                env[OUTPUT_FD_ENV] = str(out_fd)
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     pass_fds=passed, close_fds=True, cwd=scratch, env=env, start_new_session=True)
             _set_rlimits(proc.pid, limits, own_user_namespace=False)
@@ -441,14 +448,14 @@ class Sandbox:
 
     async def run_task(self, task: str, payload: dict[str, Any], limits: Limits,
                        files: JobFiles | None = None) -> dict[str, Any]:
-        """Run `octomil_lite.worker TASK` as one job; return the JSON object it prints."""
+        """Run `octomil_lite.convert.worker TASK` as one job; return the JSON object it prints."""
         if not self.isolated:
             log.warning("running conversion task %s WITHOUT isolation (--unsafe-conversions)", task)
         elif not self.isolation.available:
             raise IsolationUnavailable(self.isolation.reason or "isolation is not available")
         cancel = threading.Event()
         future = asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.run_sync([sys.executable, "-I", "-m", "octomil_lite.worker", task], limits,
+            None, lambda: self.run_sync([sys.executable, "-I", "-m", "octomil_lite.convert.worker", task], limits,
                                         json.dumps(payload).encode(), files, cancel))
         try:
             done = await asyncio.shield(future)

@@ -14,17 +14,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import DISK_FULL, OctomilError, StorageFull
+from ..errors import DISK_FULL
+from . import StorageError, StorageFull
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 FLUSH_BYTES = 4 * 1024 * 1024
 HEAD_BYTES = 64 * 1024
 
 
-def _storage_error(exc: OSError) -> OctomilError:
+def _storage_error(exc: OSError) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFull(DISK_FULL)
-    return OctomilError(f"The registry could not write to its data directory ({exc.strerror}).")
+    return StorageError(f"The registry could not write to its data directory ({exc.strerror}).")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -115,7 +116,7 @@ class StagedBlob:
         self.path.unlink(missing_ok=True)
 
 
-class BlobStore:
+class LocalBlobStore:
     """sha256-addressed files under a data directory; only ever opened by digest."""
 
     def __init__(self, data_dir: Path):

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 
 from multipart import MultipartError, MultipartSegment, PushMultipartParser, parse_options_header
 
-from .blobstore import StagedBlob
-from .errors import BadRequest, PayloadTooLarge
-from .schemas import UploadForm
+from ..errors import BadRequest, PayloadTooLarge
+from ..registry import UploadedFile
+from ..schemas import UploadForm
+from ..storage import StagedBlob
 
 FORM_OVERHEAD = 1024 * 1024  # room for boundaries and text fields on top of the file itself
 MAX_FIELD_BYTES = 64 * 1024
@@ -18,12 +19,6 @@ MAX_PARTS = 64
 
 
 FILE_PARTS = ("file", "onnx_data")  # the model, and (Octomil SDK) an ONNX model's external weights
-
-
-@dataclass
-class UploadedFile:
-    staged: StagedBlob
-    filename: str
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Server side of conversion: a small pool that claims jobs from SQLite and runs each in a sandboxed child."""
+"""Server side of conversion: a small pool that claims jobs from the metadata store, each run in a sandboxed child."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import logging
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .blobstore import BlobStore
-from .db import Database, Row
 from .sandbox import CHECK_LIMITS, IsolationUnavailable, JobFiles, Limits, Sandbox, SandboxError
+
+if TYPE_CHECKING:  # the pool needs only the interfaces, never a store's module
+    from ..storage import BlobStore, MetadataStore, Row
 
 log = logging.getLogger("octomil_lite.conversions")
 
@@ -23,7 +24,7 @@ TARGETS = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage.zip"}
 class ConversionPool:
     """`workers` asyncio tasks, each running one conversion child at a time; the event loop never waits on one."""
 
-    def __init__(self, db: Database, blobs: BlobStore, sandbox: Sandbox, limits: Limits, workers: int,
+    def __init__(self, db: MetadataStore, blobs: BlobStore, sandbox: Sandbox, limits: Limits, workers: int,
                  now: Callable[[], str]):
         self.db = db
         self.sandbox = sandbox

@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import gc
 import logging
-import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,13 +17,13 @@ from litestar.exceptions import HTTPException, ValidationException
 from litestar.types import ASGIApp, Receive, Scope, Send
 from litestar.utils import normalize_path
 
-from .auth import ASGI_SCOPE_KEY, RateLimiter, scope_allows
-from .config import Config
+from ..auth import ASGI_SCOPE_KEY, RateLimiter, scope_allows
+from ..config import Config
+from ..convert.routes import available_conversions
+from ..errors import DISK_FULL, UNEXPECTED, BadRequest, Forbidden, OctomilError, RateLimited, Unauthorized
+from ..registry import KeyInfo, Registry
+from ..schemas import ErrorBody
 from .controllers import ModelController, health, signed_download
-from .convert import available_conversions
-from .errors import DISK_FULL, UNEXPECTED, BadRequest, Forbidden, OctomilError, RateLimited, Unauthorized
-from .registry import KeyInfo, Registry
-from .schemas import ErrorBody
 from .web import openapi_config
 from .web import route_handlers as web_routes
 
@@ -72,9 +71,7 @@ def _on_http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Respo
 
 
 def _disk_full(exc: BaseException) -> bool:
-    """A full disk (or quota) seen by SQLite or by a write nobody translated into StorageFull."""
-    if isinstance(exc, sqlite3.OperationalError):
-        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "disk is full" in str(exc)
+    """A full disk (or quota) met by a write nobody translated into storage.StorageFull."""
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 

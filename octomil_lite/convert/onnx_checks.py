@@ -1,21 +1,12 @@
-"""Job entry point: `python -I -m octomil_lite.worker TASK` reads a JSON payload on stdin.
-
-Only ever started by `Sandbox.run_task`, inside the job's sandbox: its inputs are read-only files under the input
-directory, its working directory is the job's scratch, and a file it produces leaves through the output file
-descriptor the parent passed. It prints one JSON object as its last stdout line.
-"""
+"""ONNX checks run in the sandboxed child: validate an upload, fold external weights, read the signature."""
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-
-def _input(name: str) -> str:
-    return str(Path(os.environ.get("OCTOMIL_JOB_INPUT_DIR", "/job")) / name)
+from .sandbox import job_input
 
 
 def check_onnx(payload: dict[str, Any]) -> dict[str, Any]:
@@ -23,7 +14,7 @@ def check_onnx(payload: dict[str, Any]) -> dict[str, Any]:
     import onnx
 
     try:
-        model = onnx.load(_input("model"), load_external_data=False)
+        model = onnx.load(job_input("model"), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
         return {"ok": False, "reason": f"not a readable ONNX model ({type(exc).__name__})"}
     for tensor in _all_tensors(model):
@@ -45,7 +36,7 @@ def fold_onnx(payload: dict[str, Any]) -> dict[str, Any]:
     from onnx.external_data_helper import load_external_data_for_model
 
     try:
-        model = onnx.load(_input("model"), load_external_data=False)
+        model = onnx.load(job_input("model"), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
         return {"ok": False, "reason": f"not a readable ONNX model ({type(exc).__name__})"}
     name = os.path.basename(payload["data_name"].replace("\\", "/"))
@@ -56,7 +47,7 @@ def fold_onnx(payload: dict[str, Any]) -> dict[str, Any]:
         if location != name or not name or name in (".", ".."):
             return {"ok": False, "reason": f"tensor '{tensor.name}' references external data '{location[:100]}', "
                                            f"but the uploaded onnx_data file is '{name[:100]}'"}
-    folder = Path(_input("data"))  # the parent put the weights there under their uploaded name
+    folder = Path(job_input("data"))  # the parent put the weights there under their uploaded name
     if (folder / name).is_symlink():  # unisolated (--unsafe-conversions) jobs get links; onnx wants a real file
         os.mkdir("fold")
         shutil.copyfile(folder / name, Path("fold", name))
@@ -114,37 +105,3 @@ def onnx_signature(model: Any) -> dict[str, Any]:
         return out
 
     return {"inputs": describe(model.graph.input), "outputs": describe(model.graph.output)}
-
-
-def _send_output(result: dict[str, Any]) -> dict[str, Any]:
-    """Copy the file a task produced in scratch to the output descriptor; the parent reads it from there."""
-    produced = result.pop("path", None)
-    fd = os.environ.get("OCTOMIL_JOB_OUT_FD")
-    if produced is None or fd is None:
-        return result
-    with open(produced, "rb") as src, os.fdopen(int(fd), "wb") as out:
-        while chunk := src.read(1 << 20):
-            out.write(chunk)
-    result["output_size"] = os.path.getsize(produced)
-    return result
-
-
-def main() -> None:
-    task = sys.argv[1]
-    payload = json.loads(sys.stdin.read())
-    if task == "check-onnx":
-        result = check_onnx(payload)
-    elif task == "fold-onnx":
-        result = fold_onnx(payload)
-    elif task == "convert":
-        from octomil_lite.convert import run_job
-
-        os.mkdir("out")
-        result = run_job({**payload, "src": _input("model"), "out_dir": os.path.abspath("out")})
-    else:
-        raise SystemExit(f"unknown task {task}")
-    sys.stdout.write("\n" + json.dumps(_send_output(result)) + "\n")
-
-
-if __name__ == "__main__":
-    main()

@@ -11,7 +11,7 @@ from litestar.openapi.plugins import SwaggerRenderPlugin, YamlRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.static_files import create_static_files_router
 
-from . import __version__
+from .. import __version__
 
 WEB_DIR = Path(__file__).with_name("web")
 ASSETS = "/static"

@@ -6,7 +6,6 @@ import asyncio
 import hashlib
 import hmac
 import json
-import logging
 import os
 import re
 import secrets
@@ -38,8 +37,6 @@ from .schemas import (
     VersionSummary,
 )
 from .storage import BlobStore, MetadataStore, Row, StagedBlob
-
-log = logging.getLogger("octomil_lite.registry")
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PENDING_RETRY_AFTER = 2
@@ -127,9 +124,8 @@ class Registry:
         self.blobs = blobs
         self._secret = secret
         self.sandbox = Sandbox(hidden=[config.data_dir], allow_unsafe=config.unsafe_conversions)
-        self.pool = ConversionPool(db, blobs, self.sandbox, Limits(timeout=config.conversion_timeout,
-                                                                   memory_bytes=config.conversion_memory_bytes),
-                                   config.conversion_workers, utc_now)
+        limits = Limits(timeout=config.conversion_timeout, memory_bytes=config.conversion_memory_bytes)
+        self.pool = ConversionPool(db, blobs, self.sandbox, limits, config.conversion_workers, utc_now)
 
     @classmethod
     async def open(cls, config: Config) -> Registry:
@@ -140,12 +136,7 @@ class Registry:
     async def start(self) -> None:
         """Serving: sweep leftovers of a previous run and start converting."""
         self.blobs.sweep_tmp()
-        isolation = await asyncio.to_thread(self.sandbox.probe)
-        if isolation.unsafe:
-            log.warning("!!! --unsafe-conversions: conversion jobs run WITHOUT isolation; an uploaded model file "
-                        "can take over this server !!!")
-        elif not isolation.available:
-            log.error("conversions are off: %s", isolation.reason)
+        await asyncio.to_thread(self.sandbox.probe)
         await self.pool.start()
 
     async def close(self) -> None:
@@ -233,9 +224,7 @@ class Registry:
 
     async def upload_version(self, model_id: str, files: dict[str, UploadedFile], form: UploadForm,
                              uploader: str | None = None) -> UploadedVersion:
-        """Turn finished, staged bytes into the model's next version (the caller discards the staged files).
-
-        UPLOADER (the key's name) is whose turn its conversions wait for: jobs are claimed round-robin by key."""
+        """Turn staged bytes into the model's next version (the caller discards them); UPLOADER is the key's name."""
         row = await self._model_row(model_id)
         upload = files["file"]
         staged = upload.staged
@@ -282,22 +271,21 @@ class Registry:
     async def _checked_onnx(self, staged: StagedBlob, data: UploadedFile | None) -> tuple[StagedBlob, Any]:
         """Validate an ONNX upload in a child; with external weights, fold them into one self-contained file."""
         if data is None:
-            result = await self._sandboxed("check-onnx", {}, JobFiles({"model": staged.path}))
+            result = await self._sandboxed("check-onnx", {}, {"model": staged.path})
             return staged, result.get("signature")
         folded = self.blobs.tmp / f"{staged.path.name}.folded.onnx"
         name = os.path.basename(data.filename.replace("\\", "/"))
-        bound = name if name not in ("", ".", "..") and "\x00" not in name else "onnx_data"
-        files = JobFiles({"model": staged.path, f"data/{bound}": data.staged.path}, output=folded)
         try:
-            result = await self._sandboxed("fold-onnx", {"data_name": name}, files)
+            inputs = {"model": staged.path, f"data/{name}": data.staged.path}
+            result = await self._sandboxed("fold-onnx", {"data_name": name}, inputs, folded)
             return await self.blobs.stage_file(folded), result.get("signature")
         except BaseException:
             folded.unlink(missing_ok=True)
             raise
 
-    async def _sandboxed(self, task: str, payload: dict[str, Any], files: JobFiles) -> dict[str, Any]:
+    async def _sandboxed(self, task: str, payload: Row, inputs: dict[str, Path], out: Path | None = None) -> Row:
         try:
-            result = await self.sandbox.run_task(task, payload, CHECK_LIMITS, files)
+            result = await self.sandbox.run_task(task, payload, CHECK_LIMITS, JobFiles(inputs, out))
         except IsolationUnavailable as exc:
             raise ServiceUnavailable(f"ONNX uploads are checked in an isolated job, and {exc}.") from exc
         except SandboxError as exc:

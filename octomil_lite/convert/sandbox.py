@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -27,11 +26,13 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+
+from .cgroups import Cgroups, JobCgroup, find_cgroups
+from .seccomp import seccomp_program
 
 log = logging.getLogger("octomil_lite.sandbox")
 
@@ -95,139 +96,10 @@ class JobFiles:
     inputs: dict[str, Path] = field(default_factory=dict)  # name under /job -> host path
     output: Path | None = None  # host path the parent creates; the job writes through an fd
 
-
-# --- seccomp -------------------------------------------------------------------------------------------------
-
-_DENIED_SYSCALLS = (
-    "setns", "unshare", "mount", "umount2", "pivot_root", "chroot", "move_mount", "open_tree", "fsopen",
-    "fsmount", "fsconfig", "fspick", "mount_setattr", "ptrace", "process_vm_readv", "process_vm_writev",
-    "kcmp", "pidfd_getfd", "bpf", "keyctl", "add_key", "request_key", "perf_event_open", "userfaultfd",
-    "io_uring_setup", "io_uring_enter", "io_uring_register", "kexec_load", "kexec_file_load", "init_module",
-    "finit_module", "delete_module", "reboot", "swapon", "swapoff", "acct", "quotactl", "open_by_handle_at",
-    "name_to_handle_at", "syslog", "vhangup", "lookup_dcookie", "personality", "uselib", "fanotify_init",
-)
-_CLONE_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
-                          0x40000000)  # NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
-_AF_UNIX = 1
-
-
-@cache
-def seccomp_program() -> bytes:
-    """The job's seccomp BPF program: the syscalls that reach other namespaces, the kernel or the network fail."""
-    import pyseccomp as sc
-
-    f = sc.SyscallFilter(defaction=sc.ALLOW)
-    for name in _DENIED_SYSCALLS:
-        with contextlib.suppress(RuntimeError, OSError, ValueError):  # not on this architecture
-            f.add_rule(sc.ERRNO(errno.EPERM), name)
-    f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socket", sc.Arg(0, sc.NE, _AF_UNIX))
-    f.add_rule(sc.ERRNO(errno.EAFNOSUPPORT), "socketpair", sc.Arg(0, sc.NE, _AF_UNIX))
-    for flag in _CLONE_NAMESPACE_FLAGS:
-        f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
-    # clone3 passes its flags in memory a filter cannot read: ENOSYS makes libc fall back to clone.
-    f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
-    f.add_rule(sc.ERRNO(errno.EPERM), "ioctl", sc.Arg(1, sc.EQ, 0x5412))  # TIOCSTI
-    with tempfile.TemporaryFile() as out:
-        f.export_bpf(out)
-        out.seek(0)
-        return out.read()
-
-
-# --- cgroups -------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class _Cgroups:
-    """Where this process may make job cgroups: its own cgroup, per controller (v2: one directory for all)."""
-
-    version: int
-    roots: dict[str, Path]  # memory, pids and, where available, cpu
-
-    @property
-    def name(self) -> str:
-        return f"cgroup v{self.version}"
-
-    def limit_files(self, limits: Limits) -> dict[str, dict[str, str]]:
-        """controller -> {file: value}; files this kernel lacks (swap accounting) are skipped."""
-        memory, quota = str(limits.memory_bytes), str(int(limits.cpu_cores * 100_000))
-        if self.version == 2:
-            return {"memory": {"memory.max": memory, "memory.swap.max": "0"},
-                    "pids": {"pids.max": str(limits.max_processes)}, "cpu": {"cpu.max": f"{quota} 100000"}}
-        return {"memory": {"memory.limit_in_bytes": memory, "memory.memsw.limit_in_bytes": memory},
-                "pids": {"pids.max": str(limits.max_processes)},
-                "cpu": {"cpu.cfs_period_us": "100000", "cpu.cfs_quota_us": quota}}
-
-
-def _own_cgroups() -> dict[str, str]:
-    """controller (or '' for v2) -> this process's cgroup path, from /proc/self/cgroup."""
-    out: dict[str, str] = {}
-    for line in Path("/proc/self/cgroup").read_text().splitlines():
-        _, controllers, path = line.split(":", 2)
-        for name in controllers.split(",") if controllers else [""]:
-            out[name] = path
-    return out
-
-
-def _find_cgroups() -> _Cgroups | None:
-    """Writable memory and pids controllers (cpu if it is there too) under our own cgroup: v2, else v1."""
-    own = _own_cgroups()
-    mounts = [line.split() for line in Path("/proc/self/mounts").read_text().splitlines()]
-    v2 = next((Path(m[1]) for m in mounts if m[2] == "cgroup2"), None)
-    if v2 is not None and "" in own:
-        base = v2 / own[""].lstrip("/")
-        enabled = set((base / "cgroup.controllers").read_text().split()) if base.is_dir() else set()
-        if {"memory", "pids"} <= enabled and os.access(base, os.W_OK):
-            wanted = sorted({"memory", "pids", "cpu"} & enabled)
-            with contextlib.suppress(OSError):
-                (base / "cgroup.subtree_control").write_text(" ".join(f"+{c}" for c in wanted))
-            return _Cgroups(2, dict.fromkeys(wanted, base))
-    roots: dict[str, Path] = {}
-    for name in ("memory", "pids", "cpu"):
-        mount = next((Path(m[1]) for m in mounts if m[2] == "cgroup" and name in m[3].split(",")), None)
-        base = mount / own[name].lstrip("/") if mount is not None and name in own else None
-        if base is not None and os.access(base, os.W_OK):
-            roots[name] = base
-        elif name != "cpu":
-            return None
-    return _Cgroups(1, roots)
-
-
-class _JobCgroup:
-    """One cgroup per controller for one job; every process of the job is in it, and it is removed after."""
-
-    def __init__(self, cgroups: _Cgroups, limits: Limits):
-        name = f"octomil-lite-job-{uuid.uuid4().hex[:12]}"
-        self.dirs: list[Path] = []
-        for root in dict.fromkeys(cgroups.roots.values()):
-            (root / name).mkdir()
-            self.dirs.append(root / name)
-        files = cgroups.limit_files(limits)
-        for controller, root in cgroups.roots.items():
-            for file, value in files[controller].items():
-                if (root / name / file).exists():
-                    (root / name / file).write_text(value)
-
-    def add(self, pid: int) -> None:
-        for path in self.dirs:
-            (path / "cgroup.procs").write_text(str(pid))
-
-    def pids(self) -> set[int]:
-        out: set[int] = set()
-        for path in self.dirs:
-            with contextlib.suppress(OSError):
-                out.update(int(p) for p in (path / "cgroup.procs").read_text().split())
-        return out
-
-    def destroy(self) -> None:
-        """Kill whatever is left in it, then remove it."""
-        deadline = time.monotonic() + 5
-        while (left := self.pids()) and time.monotonic() < deadline:
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.005)
-        for path in self.dirs:
-            with contextlib.suppress(OSError):
-                path.rmdir()
+    def __post_init__(self) -> None:
+        for name in self.inputs:
+            if "\x00" in name or any(part in ("", ".", "..") for part in name.split("/")):
+                raise SandboxError(f"cannot give a job an input named {name[:100]!r}")
 
 
 # --- the launcher --------------------------------------------------------------------------------------------
@@ -235,10 +107,9 @@ class _JobCgroup:
 @cache
 def _read_only_roots() -> tuple[Path, ...]:
     """What a job needs to run Python: system libraries, the interpreter, the environment and this package."""
-    import octomil_lite
-
-    roots = [Path("/usr"), Path(sys.base_prefix), Path(sys.prefix), Path(octomil_lite.__file__).parent,
-             Path(sys.executable).resolve().parent.parent]
+    package = Path(__file__).resolve().parent.parent  # octomil_lite/ (an editable install lives outside sys.prefix)
+    interpreter = Path(sys.executable).resolve().parent.parent
+    roots = [Path("/usr"), Path(sys.base_prefix), Path(sys.prefix), package, interpreter]
     unique: list[Path] = []
     for root in sorted({r.resolve() for r in roots if r.exists()}, key=lambda p: len(p.parts)):
         if not any(root.is_relative_to(u) for u in unique):
@@ -282,11 +153,11 @@ class Sandbox:
         self.hidden = [p.resolve() for p in hidden]  # never visible to a job even if under a bound root
         self.isolated = isolated
         self.allow_unsafe = allow_unsafe  # --unsafe-conversions: run unisolated where isolation is unavailable
-        self._cgroups: _Cgroups | None = None
+        self._cgroups: Cgroups | None = None
         self.isolation = Isolation(available=False, reason="not probed yet")
 
     def probe(self) -> Isolation:
-        """Find out once whether jobs can be isolated here; the answer shows in /health."""
+        """Find out once whether jobs can be isolated here; the answer shows in /health and the log."""
         if not self.isolated:
             self.isolation = Isolation(available=False, unsafe=True)
             return self.isolation
@@ -294,6 +165,10 @@ class Sandbox:
         if not self.isolation.available and self.allow_unsafe:
             self.isolated = False
             self.isolation = Isolation(False, self.isolation.reason, unsafe=True)
+            log.warning("!!! --unsafe-conversions: conversion jobs run WITHOUT isolation (%s); an uploaded model "
+                        "file can take over this server !!!", self.isolation.reason)
+        elif not self.isolation.available:
+            log.error("conversions are off: %s", self.isolation.reason)
         return self.isolation
 
     def _probe(self) -> Isolation:
@@ -305,7 +180,7 @@ class Sandbox:
             return Isolation(False, f"seccomp filters cannot be built ({type(exc).__name__}: {exc}): "
                                     "pip install pyseccomp and install libseccomp2")
         try:
-            self._cgroups = _find_cgroups()
+            self._cgroups = find_cgroups()
         except OSError:
             self._cgroups = None
         containment = self._cgroups.name if self._cgroups else "rlimits"
@@ -350,7 +225,7 @@ class Sandbox:
         if not self.isolated:
             return self._run_unsafe(argv, limits, stdin, files, cancel)
         opened: list[int] = []
-        cgroup: _JobCgroup | None = None
+        cgroup: JobCgroup | None = None
         proc: subprocess.Popen[bytes] | None = None
         try:
             info_r, info_w = os.pipe()
@@ -374,7 +249,7 @@ class Sandbox:
             else:
                 env_out = {}
             if self._cgroups:
-                cgroup = _JobCgroup(self._cgroups, limits)
+                cgroup = JobCgroup(self._cgroups, limits)
             proc = subprocess.Popen(
                 [*self._bwrap_args(files, limits, fds), "--", *argv], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=passed, close_fds=True,
@@ -424,7 +299,7 @@ class Sandbox:
         opened: list[int] = []
         try:
             for name, path in files.inputs.items():
-                (scratch / "job").mkdir(exist_ok=True)
+                (scratch / "job" / name).parent.mkdir(parents=True, exist_ok=True)
                 (scratch / "job" / name).symlink_to(path)
             env = {**job_env(), "HOME": str(scratch), "TMPDIR": str(scratch),
                    INPUT_DIR_ENV: str(scratch / "job")}

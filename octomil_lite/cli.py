@@ -45,6 +45,19 @@ def _size(value: str) -> int:
         raise click.BadParameter(f"'{value}' is not a size (e.g. 20G, 512M, 1048576)") from None
 
 
+def _duration(value: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = value.strip().lower()
+    factor = units.get(text[-1:], 1)
+    try:
+        seconds = int(float(text[:-1] if text[-1:] in units else text) * factor)
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a duration (e.g. 7d, 12h, 3600)") from None
+    if seconds < 1:
+        raise click.BadParameter(f"'{value}' must be at least one second")
+    return seconds
+
+
 data_dir_option = click.option(
     "--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Data directory [default: $OCTOMIL_LITE_HOME, else $XDG_DATA_HOME/octomil-lite "
@@ -65,6 +78,8 @@ def main() -> None:
               help="Largest model file accepted (bytes, or 512M, 20G).")
 @click.option("--rate-limit", default=6000, show_default=True, type=click.IntRange(0),
               help="Requests per minute per API key; 0 turns the limit off.")
+@click.option("--max-link-age", default="7d", show_default=True,
+              help="Longest validity of a download-url link (seconds, or 12h, 7d); longer requests are a 400.")
 @click.option("--log-level", default="info", show_default=True,
               type=click.Choice(["critical", "error", "warning", "info", "debug"]))
 @click.option("--access-log/--no-access-log", default=False, show_default=True, help="Log every request.")
@@ -74,14 +89,16 @@ def main() -> None:
               help="Run conversion jobs WITHOUT isolation where it cannot be set up (an uploaded model file can "
                    "then take over the server).")
 def serve(host: str, port: int, data_dir: Path | None, max_upload_size: str, rate_limit: int,
-          log_level: str, access_log: bool, conversion_timeout: float, unsafe_conversions: bool) -> None:
+          max_link_age: str, log_level: str, access_log: bool, conversion_timeout: float,
+          unsafe_conversions: bool) -> None:
     """Run the registry server."""
     from .server.app import create_app
     from .server.httpserver import run
 
     config = Config(data_dir=data_dir or default_data_dir(), host=host, port=port,
                     max_upload_size=_size(max_upload_size), rate_limit=rate_limit,
-                    conversion_timeout=conversion_timeout, unsafe_conversions=unsafe_conversions)
+                    max_link_age=_duration(max_link_age), conversion_timeout=conversion_timeout,
+                    unsafe_conversions=unsafe_conversions)
 
     try:
         key = _with_registry(config, lambda r: r.first_admin_key())
@@ -131,6 +148,24 @@ def keys_revoke(name: str, data_dir: Path | None) -> None:
     config = Config(data_dir=data_dir or default_data_dir())
     _with_registry(config, lambda r: r.revoke_key(name))
     click.echo(f"revoked {name}", err=True)
+
+
+@main.group()
+def secret() -> None:
+    """The secret that signs download links."""
+
+
+@secret.command("rotate")
+@data_dir_option
+def secret_rotate(data_dir: Path | None) -> None:
+    """Replace the signing secret: every download link made so far stops working, also on a running server."""
+    from .auth import LinkSecret
+
+    home = data_dir or default_data_dir()
+    if not home.is_dir():
+        raise click.ClickException(f"no data directory at {home}")
+    LinkSecret(home / "secret.key").rotate()
+    click.echo("rotated the download-link secret; every link made before now is invalid", err=True)
 
 
 def _bytes(n: int) -> str:

@@ -29,4 +29,5 @@ class Config:
     conversion_workers: int = 1
     conversion_timeout: float = 900.0
     conversion_memory_bytes: int = 8 * GiB
+    max_link_age: int = 7 * 24 * 3600  # seconds; download-url refuses longer links, downloads refuse them too
     unsafe_conversions: bool = False  # run conversion jobs without isolation (the operator accepts the risk)

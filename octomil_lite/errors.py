@@ -59,3 +59,16 @@ class RateLimited(OctomilError):
 class ServiceUnavailable(OctomilError):
     status = 503
     code = "service_unavailable"
+
+
+MAX_REASON_CHARS = 300
+
+
+def bounded_reason(text: object) -> str:
+    """A conversion's failure reason as stored and shown: one printable line of at most MAX_REASON_CHARS.
+
+    Loaders put file contents into exceptions (numpy's text readers do), so a reason never carries more.
+    """
+    flat = "".join(c if c.isprintable() else " " for c in str(text)[:MAX_REASON_CHARS * 2])
+    flat = " ".join(flat.split())
+    return flat if len(flat) <= MAX_REASON_CHARS else flat[:MAX_REASON_CHARS - 1] + "…"

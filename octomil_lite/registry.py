@@ -6,14 +6,11 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import re
-import secrets
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -40,6 +37,7 @@ from .storage import BlobStore, MetadataStore, Row, StagedBlob
 
 _KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PENDING_RETRY_AFTER = 2
+LINK_CLOCK_SLACK = 60  # seconds a link's expiry may exceed the limit (clock steps between signing and use)
 
 
 def utc_now() -> str:
@@ -71,19 +69,6 @@ class UploadedFile:
 class KeyInfo:
     name: str
     scope: str
-
-
-def _secret(path: Path) -> bytes:
-    """The registry's signing key for download links, made on first use and readable only by its owner."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_bytes()
-    with os.fdopen(fd, "wb") as f:
-        f.write(secrets.token_bytes(32))
-        f.flush()
-        os.fsync(f.fileno())
-    return path.read_bytes()
 
 
 def _download_format(fmt: str | None) -> str:
@@ -118,7 +103,7 @@ def _format_status(a: Row) -> FormatStatus:
 class Registry:
     """Models, versions, blobs, conversions and keys of one data directory."""
 
-    def __init__(self, config: Config, db: MetadataStore, blobs: BlobStore, secret: bytes):
+    def __init__(self, config: Config, db: MetadataStore, blobs: BlobStore, secret: auth.LinkSecret):
         self.config = config
         self.db = db
         self.blobs = blobs
@@ -131,7 +116,9 @@ class Registry:
     async def open(cls, config: Config) -> Registry:
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         db, blobs = await storage.open_stores(config.data_dir)
-        return cls(config, db, blobs, _secret(config.data_dir / "secret.key"))
+        secret = auth.LinkSecret(config.data_dir / "secret.key")
+        secret.current()  # made at first open, so it exists before any link does
+        return cls(config, db, blobs, secret)
 
     async def start(self) -> None:
         """Serving: sweep leftovers of a previous run and start converting."""
@@ -352,11 +339,14 @@ class Registry:
 
     def _signature(self, model_id: str, number: int, fmt: str, expires: int) -> str:
         message = f"{model_id}\n{number}\n{fmt}\n{expires}".encode()
-        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()
+        return hmac.new(self._secret.current(), message, hashlib.sha256).hexdigest()
 
     async def sign_download(self, model_id: str, ref: str, fmt: str | None, ttl: int) -> tuple[str, str]:
         """A key-less path (with query) to one version's format, valid for `ttl` seconds, and its expiry time."""
         fmt = _download_format(fmt)
+        if ttl > self.config.max_link_age:
+            raise BadRequest(f"Query parameter 'expires_in' must be at most {self.config.max_link_age} seconds "
+                             f"(this server's limit on download links); got {ttl}.")
         model, version = await self._version_row(model_id, ref)
         expires = int(time.time()) + ttl
         signature = self._signature(model["id"], version["number"], fmt, expires)
@@ -371,8 +361,13 @@ class Registry:
         expected = self._signature(model_id, int(version), fmt, int(expires))
         if not hmac.compare_digest(expected, signature):
             raise Forbidden("This download link's signature does not match; ask for a new one with download-url.")
-        if int(expires) < time.time():
+        now = time.time()
+        if int(expires) < now:
             raise Forbidden("This download link has expired; ask for a new one with download-url.")
+        # A link this server would never have made (e.g. minted with a stolen secret) is refused, not honoured.
+        if int(expires) > now + self.config.max_link_age + LINK_CLOCK_SLACK:
+            raise Forbidden("This download link outlives the server's limit on links; ask for a new one "
+                            "with download-url.")
 
     def open_artifact(self, artifact: Artifact) -> int:
         """A read-only descriptor on the artifact's blob."""

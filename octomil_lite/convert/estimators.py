@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 from typing import Any
 
 from .job import Converted, Job, Parity, dist_version, framework_version, require
@@ -20,7 +19,7 @@ def _load_estimator(job: Job) -> tuple[Any, str | None]:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if job.kind == "skops":
-            model = _load_skops(job.src)
+            model = safe_pickle.load_skops(job.src)
         else:
             # Plain pickles too: joblib.dump without compression writes a pickle with array bytes inline, which
             # the sniffer cannot tell from pickle.dumps; joblib's unpickler reads both, through the allowlist.
@@ -28,18 +27,6 @@ def _load_estimator(job: Job) -> tuple[Any, str | None]:
     written_by = next((str(w.message.original_sklearn_version) for w in caught
                        if hasattr(w.message, "original_sklearn_version")), None)
     return model, written_by
-
-
-def _load_skops(path: Path) -> Any:
-    import skops.io
-
-    from .safe_pickle import find_allowed_class
-
-    untrusted = skops.io.get_untrusted_types(file=path)
-    for qualified in untrusted:
-        module, _, name = qualified.rpartition(".")
-        find_allowed_class(module, name)
-    return skops.io.load(path, trusted=untrusted)
 
 
 def _estimator_framework(model: Any) -> str:

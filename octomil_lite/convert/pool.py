@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import bounded_reason
 from .sandbox import CHECK_LIMITS, IsolationUnavailable, JobFiles, Limits, Sandbox, SandboxError
 
 if TYPE_CHECKING:  # the pool needs only the interfaces, never a store's module
@@ -97,7 +98,8 @@ class ConversionPool:
             return {"status": "failed", "reason": f"the conversion {exc}"}
         status = result.get("status")
         if status in ("failed", "impossible", "unavailable"):
-            return {"status": status, "reason": str(result.get("reason") or "no reason given")[:2000]}
+            # The job is untrusted: whatever it reports is cut to one short line.
+            return {"status": status, "reason": bounded_reason(result.get("reason") or "no reason given")}
         if status != "done":
             return {"status": "failed", "reason": "the converter returned no result"}
         size = output.stat().st_size
@@ -110,7 +112,8 @@ class ConversionPool:
             except SandboxError as exc:
                 return {"status": "failed", "reason": f"checking the converted ONNX model {exc}"}
             if not check.get("ok"):
-                return {"status": "failed", "reason": f"the converted ONNX model is invalid: {check.get('reason')}"}
+                reason = bounded_reason(f"the converted ONNX model is invalid: {check.get('reason')}")
+                return {"status": "failed", "reason": reason}
             signature = json.dumps(check.get("signature"))
         return {"status": "ready", "reason": None, "signature": signature,
                 "parity": json.dumps(result.get("parity")) if result.get("parity") is not None else None,

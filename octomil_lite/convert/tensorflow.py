@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .job import Converted, Impossible, Job, Parity, dist_version, framework_version, require
+from .model_checks import check_saved_model
 from .outputs import ONNX_OPSET, coreml_result, save_onnx
 from .parity import FLOAT_TOLERANCE, TFLITE_TOLERANCE, compare, onnx_input_names, onnx_run, sample
 
@@ -53,7 +54,9 @@ def _extract_saved_model(job: Job) -> Path:
     found = sorted(p.parent for p in target.rglob("saved_model.pb"))
     if not found:
         raise ValueError("the zip holds no saved_model.pb; zip the SavedModel directory itself")
-    return min(found, key=lambda p: len(p.parts))
+    directory = min(found, key=lambda p: len(p.parts))
+    check_saved_model(directory / "saved_model.pb")
+    return directory
 
 
 def _load_keras(job: Job) -> tuple[Any, str | None]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .job import Converted, Impossible, Job, dist_version, framework_version, require
+from .model_checks import check_exported_program, check_torchscript
 from .outputs import ONNX_OPSET, coreml_result
 from .parity import FLOAT_TOLERANCE, compare, onnx_input_names, onnx_run, sample
 
@@ -83,6 +84,7 @@ def _load_exported(job: Job) -> Any:
     require("torch", "torch")
     import torch
 
+    check_exported_program(job.src)
     return torch.export.load(str(job.src))
 
 
@@ -109,6 +111,7 @@ def _load_torchscript(job: Job) -> tuple[Any, tuple[int, ...]]:
 
     if job.input_shape is None:
         raise Impossible(INPUT_SHAPE_REASON)
+    check_torchscript(job.src)
     return torch.jit.load(str(job.src), map_location="cpu").eval(), job.input_shape
 
 

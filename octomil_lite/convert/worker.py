@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..errors import bounded_reason
 from .job import Converted, Impossible, Unavailable, parse_job
 from .onnx_checks import check_onnx, fold_onnx, onnx_signature
 from .routes import converter_for
@@ -24,6 +25,14 @@ from .sandbox import OUTPUT_FD_ENV, job_input
 
 def run_job(payload: dict[str, Any]) -> dict[str, Any]:
     """Convert one uploaded model as the payload asks; never raises for a bad file."""
+    result = _run_job(payload)
+    if result.get("reason") is not None:
+        result["reason"] = bounded_reason(result["reason"])
+    return result
+
+
+def _run_job(payload: dict[str, Any]) -> dict[str, Any]:
+    from .model_checks import RefusedArchive
     from .safe_pickle import RefusedGlobal
 
     scratch = None
@@ -41,6 +50,8 @@ def run_job(payload: dict[str, Any]) -> dict[str, Any]:
         return {"status": "impossible", "reason": str(exc)}
     except Unavailable as exc:
         return {"status": "unavailable", "reason": str(exc), "extra": exc.extra}
+    except RefusedArchive as exc:
+        return {"status": "failed", "reason": str(exc)}
     except RefusedGlobal as exc:
         return {"status": "failed", "reason": f"{exc}; only numpy, scipy, scikit-learn, xgboost and lightgbm "
                                                "model types may appear in an uploaded pickle"}

@@ -209,7 +209,9 @@ class ModelController(Controller):
     @get("/{model_id:str}/versions/{version:str}/download-url", opt={"scope": "read"}, responses=_errors())
     async def download_url(self, model_id: FromPath[str], version: FromPath[str], request: Request[Any, Any, Any],
                            registry: NamedDependency[Registry], format: FromQuery[DownloadFormat | None] = None,
-                           expires_in: Annotated[int, QueryParameter(ge=1, le=7 * 24 * 3600)] = 3600) -> SignedUrl:
+                           expires_in: Annotated[int, QueryParameter(
+                               ge=1, description="Seconds the link is valid; at most the server's --max-link-age "
+                               "(7 days by default), longer is a 400.")] = 3600) -> SignedUrl:
         path, expires_at = await registry.sign_download(model_id, version, format, expires_in)
         return SignedUrl(url=str(request.base_url).rstrip("/") + path, expires_at=expires_at)
 

@@ -6,11 +6,13 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import re
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec

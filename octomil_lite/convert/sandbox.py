@@ -205,7 +205,9 @@ class Sandbox:
             if any(hidden.is_relative_to(r) for r in _read_only_roots()):
                 args += ["--size", "4096", "--tmpfs", str(hidden), "--remount-ro", str(hidden)]
         args += _system_links()
-        args += ["--proc", "/proc", "--dev", "/dev", "--size", str(64 * 1024**2), "--perms", "1777",
+        # A root server's job is host uid 0 outside: /proc/sys (host sysctls) must not be writable.
+        args += ["--proc", "/proc", "--remount-ro", "/proc",
+                 "--dev", "/dev", "--size", str(64 * 1024**2), "--perms", "1777",
                  "--tmpfs", "/dev/shm", "--remount-ro", "/dev",  # POSIX semaphores need a small /dev/shm
                  "--size", str(limits.scratch_bytes), "--perms", "1777",
                  "--tmpfs", SCRATCH, "--symlink", SCRATCH, "/tmp"]  # /tmp is the scratch: one size limit
@@ -227,6 +229,8 @@ class Sandbox:
         opened: list[int] = []
         cgroup: JobCgroup | None = None
         proc: subprocess.Popen[bytes] | None = None
+        child: int | None = None
+        copier: _OutputCopier | None = None
         try:
             info_r, info_w = os.pipe()
             block_r, block_w = os.pipe()
@@ -241,9 +245,12 @@ class Sandbox:
                 opened.append(fds[f"in:{name}"])
             passed = list(fds.values())
             if files.output is not None:
-                out_fd = os.open(files.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                opened.append(out_fd)
-                # The job's only way out: write-only on one fresh file; no path to it is visible inside.
+                out_file = os.open(files.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+                opened.append(out_file)
+                pipe_r, out_fd = os.pipe()
+                opened += [pipe_r, out_fd]
+                # The job never holds the file (it could fchmod or reopen it): it writes a pipe the parent copies.
+                copier = _OutputCopier(pipe_r, out_file, limits.file_size_bytes)
                 passed.append(out_fd)
                 env_out = {OUTPUT_FD_ENV: str(out_fd)}
             else:
@@ -254,7 +261,7 @@ class Sandbox:
                 [*self._bwrap_args(files, limits, fds), "--", *argv], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=passed, close_fds=True,
                 env={**job_env(), **env_out})
-            for fd in (info_w, block_r):
+            for fd in (info_w, block_r, *([out_fd] if copier else [])):
                 os.close(fd)
                 opened.remove(fd)
             child = self._sandbox_init_pid(info_r, proc, limits)
@@ -262,14 +269,22 @@ class Sandbox:
                 if cgroup is not None:
                     cgroup.add(child)
                 _set_rlimits(child, limits)
+            kill = lambda: _kill_tree(proc, child)  # noqa: E731 - binds the pids known only now
+            if copier is not None:
+                copier.start(kill)
             os.write(block_w, b"1")  # the job starts only now, inside its cgroup and limits
-            return _communicate(proc, stdin, limits, cancel, kill=lambda: _kill_tree(proc, child))
+            done = _communicate(proc, stdin, limits, cancel, kill=kill)
+            if copier is not None:
+                copier.finish()
+            return done
         except OSError as exc:
             raise SandboxError(f"could not be started ({exc})") from exc
         finally:
             if proc is not None and proc.poll() is None:
-                _kill_tree(proc, None)
+                _kill_tree(proc, child)
                 proc.wait()
+            if copier is not None:
+                copier.join()  # before its descriptors close
             for fd in opened:
                 with contextlib.suppress(OSError):
                     os.close(fd)
@@ -363,30 +378,110 @@ def _kill_tree(proc: subprocess.Popen[bytes], init_pid: int | None) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+class _OutputCopier:
+    """Copies the job's output pipe into the host file, at most CAP bytes; more kills the job."""
+
+    def __init__(self, pipe_r: int, out_file: int, cap: int):
+        self.pipe_r, self.out_file, self.cap = pipe_r, out_file, cap
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, kill: Any) -> None:
+        self._thread = threading.Thread(target=self._copy, args=(kill,), name="job-output", daemon=True)
+        self._thread.start()
+
+    def _copy(self, kill: Any) -> None:
+        written = 0
+        try:
+            while chunk := os.read(self.pipe_r, 1 << 20):
+                written += len(chunk)
+                if written > self.cap:
+                    self.error = f"wrote an output larger than {self.cap} bytes and was stopped"
+                    kill()
+                    os.ftruncate(self.out_file, 0)
+                    return
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self.out_file, view):]
+        except OSError as exc:  # a full disk, say: the job fails, the partial file is emptied
+            self.error = f"output could not be written ({exc.strerror})"
+            kill()
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.out_file, 0)
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def finish(self) -> None:
+        self.join()
+        if self.error:
+            raise SandboxError(self.error)
+
+
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
 
 
+MAX_JOB_STDIO = 4 * 1024**2  # a result line and a traceback; more is an attack on the server's memory
+
+
 def _communicate(proc: subprocess.Popen[bytes], stdin: bytes, limits: Limits, cancel: threading.Event | None,
                  kill: Any) -> subprocess.CompletedProcess[bytes]:
+    """Feed stdin and collect stdout/stderr, at most MAX_JOB_STDIO bytes together, within the timeout."""
+    import selectors
+
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     deadline = time.monotonic() + limits.timeout
-    pending: bytes | None = stdin
-    while True:
-        step = min(0.5, max(deadline - time.monotonic(), 0.001))
-        try:
-            out, err = proc.communicate(pending, timeout=step)
-            return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-        except subprocess.TimeoutExpired:
-            pending = None
-        if cancel is not None and cancel.is_set():
-            kill()
-            proc.communicate()
-            raise SandboxError("was cancelled")
-        if time.monotonic() >= deadline:
-            kill()
-            proc.communicate()
-            raise SandboxError(f"took longer than {limits.timeout:.0f} s and was stopped")
+    outputs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    pending = memoryview(stdin)
+    stdin_fd = proc.stdin.fileno()
+    with selectors.DefaultSelector() as sel:
+        for fd in outputs:
+            sel.register(fd, selectors.EVENT_READ)
+        if pending:
+            os.set_blocking(stdin_fd, False)
+            sel.register(stdin_fd, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        while True:
+            step = min(0.5, max(deadline - time.monotonic(), 0.001))
+            events = sel.select(step) if sel.get_map() else []
+            if not events and not sel.get_map():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(step)  # both pipes closed: only the exit is left to wait for
+            for key, _ in events:
+                if key.fd == stdin_fd:
+                    try:
+                        pending = pending[os.write(stdin_fd, pending[:1 << 16]):]
+                    except BrokenPipeError:
+                        pending = pending[:0]
+                    if not pending:
+                        sel.unregister(stdin_fd)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                outputs[key.fd] += chunk
+                if sum(map(len, outputs.values())) > MAX_JOB_STDIO:
+                    kill()
+                    proc.wait()
+                    raise SandboxError(f"wrote more than {MAX_JOB_STDIO} bytes to its standard output and error "
+                                       "and was stopped")
+            if not sel.get_map() and proc.poll() is not None:
+                return subprocess.CompletedProcess(proc.args, proc.returncode, bytes(outputs[proc.stdout.fileno()]),
+                                                   bytes(outputs[proc.stderr.fileno()]))
+            if cancel is not None and cancel.is_set():
+                kill()
+                proc.wait()
+                raise SandboxError("was cancelled")
+            if time.monotonic() >= deadline:
+                kill()
+                proc.wait()
+                raise SandboxError(f"took longer than {limits.timeout:.0f} s and was stopped")
 
 
 def _worker_result(done: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:

@@ -35,7 +35,8 @@ def seccomp_program() -> bytes:
         f.add_rule(sc.ERRNO(errno.EPERM), "clone", sc.Arg(0, sc.MASKED_EQ, flag, flag))
     # clone3 passes its flags in memory a filter cannot read: ENOSYS makes libc fall back to clone.
     f.add_rule(sc.ERRNO(errno.ENOSYS), "clone3")
-    f.add_rule(sc.ERRNO(errno.EPERM), "ioctl", sc.Arg(1, sc.EQ, 0x5412))  # TIOCSTI
+    # The kernel reads the request as 32 bits: match only those, or 1 << 32 | TIOCSTI slips through.
+    f.add_rule(sc.ERRNO(errno.EPERM), "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, 0x5412))  # TIOCSTI
     with tempfile.TemporaryFile() as out:
         f.export_bpf(out)
         out.seek(0)

@@ -6,6 +6,7 @@ Same harness as test_security_isolation.py: the real job sandbox of a real Regis
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 from test_security_isolation import FAST, data_dir, report, run_hostile, sandbox  # noqa: F401 - fixtures
 
+from octomil_lite.convert.pool import MAX_PARITY_JSON, parity_json
 from octomil_lite.convert.sandbox import JobFiles, Sandbox, SandboxError
 
 REFUSED = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT}
@@ -94,3 +96,16 @@ def test_tiocsti_is_refused_whatever_the_upper_half_of_the_argument(sandbox: San
         print(json.dumps({"errno": ctypes.get_errno() if result < 0 else 0}))
     """, request=high_bits | 0x5412)
     assert report(done)["errno"] == errno.EPERM
+
+
+@pytest.mark.parametrize("parity", [{"note": "x" * MAX_PARITY_JSON}, ["not", "an", "object"], "text"])
+def test_a_jobs_parity_report_is_refused_when_not_a_small_object(parity: object) -> None:
+    # The report comes from the hostile job and is stored with the version and served in every listing.
+    with pytest.raises(ValueError):
+        parity_json(parity)
+
+
+def test_a_normal_parity_report_is_kept_as_json() -> None:
+    report_ = {"max_abs_diff": 1e-7, "tolerance": 1e-4, "within": True, "inputs": 16, "note": None}
+    assert json.loads(parity_json(report_) or "null") == report_
+    assert parity_json(None) is None

@@ -20,6 +20,7 @@ if TYPE_CHECKING:  # the pool needs only the interfaces, never a store's module
 log = logging.getLogger("octomil_lite.conversions")
 
 TARGETS = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage.zip"}
+MAX_PARITY_JSON = 16 * 1024  # a parity report is a handful of numbers; it is stored and served with the version
 
 
 class ConversionPool:
@@ -105,6 +106,10 @@ class ConversionPool:
         size = output.stat().st_size
         if size == 0 or result.get("output_size") != size:
             return {"status": "failed", "reason": "the converter returned no complete output file"}
+        try:
+            parity = parity_json(result.get("parity"))
+        except ValueError:
+            return {"status": "failed", "reason": "the converter returned a malformed or oversized parity report"}
         signature = None
         if job["target"] == "onnx":
             try:  # a fresh job checks what the converting job wrote
@@ -116,5 +121,15 @@ class ConversionPool:
                 return {"status": "failed", "reason": reason}
             signature = json.dumps(check.get("signature"))
         return {"status": "ready", "reason": None, "signature": signature,
-                "parity": json.dumps(result.get("parity")) if result.get("parity") is not None else None,
+                "parity": parity,
                 "converter": str(result.get("converter") or "")[:200] or None}
+
+
+def parity_json(parity: Any) -> str | None:
+    """The job's parity report as stored (None if it gave none); ValueError if it is not a small JSON object."""
+    if parity is None:
+        return None
+    text = json.dumps(parity)
+    if not isinstance(parity, dict) or len(text) > MAX_PARITY_JSON:
+        raise ValueError("not a small JSON object")
+    return text

@@ -273,6 +273,8 @@ class Registry:
             raise
 
     async def _sandboxed(self, task: str, payload: Row, inputs: dict[str, Path], out: Path | None = None) -> Row:
+        for path in inputs.values():
+            path.chmod(0o444)  # a root server's job runs as another uid; a committed blob is 0444 anyway
         try:
             result = await self.sandbox.run_task(task, payload, CHECK_LIMITS, JobFiles(inputs, out))
         except IsolationUnavailable as exc:

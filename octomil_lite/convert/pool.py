@@ -112,6 +112,7 @@ class ConversionPool:
             return {"status": "failed", "reason": "the converter returned a malformed or oversized parity report"}
         signature = None
         if job["target"] == "onnx":
+            output.chmod(0o444)  # a root server's check job runs as another uid; the blob will be 0444 anyway
             try:  # a fresh job checks what the converting job wrote
                 check = await self.sandbox.run_task("check-onnx", {}, CHECK_LIMITS, JobFiles({"model": output}))
             except SandboxError as exc:

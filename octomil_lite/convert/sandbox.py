@@ -6,9 +6,10 @@ Python environment and system libraries read-only, a size-limited tmpfs scratch 
 its input file read-only; its result leaves through one file descriptor the parent opened. The whole job tree
 shares one memory and process limit (cgroup), and killing the PID namespace's init ends every process in it.
 
-Outside its user namespace a job has the server's uid (bwrap maps the sandbox uid to its caller's), so a job
-must never hold a descriptor of a server file but its output: it could reopen it read-write through
-/proc/self/fd. Inputs are bind-mounted read-only instead (a warm worker must get a copy or a sealed memfd).
+Outside its user namespace a job has its bwrap's uid: the server's, or HOST_JOB_UID when the server is root (as
+uid 0 it could write anything /proc or a mount lets through). So a job must never hold a descriptor of a server
+file: it could fchmod it or reopen it read-write through /proc/self/fd. Inputs are bind-mounted read-only and
+must be readable by the job's host uid; the output leaves through a pipe the parent copies.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -37,6 +39,7 @@ from .seccomp import seccomp_program
 log = logging.getLogger("octomil_lite.sandbox")
 
 JOB_UID = 65534  # "nobody" inside the job's user namespace
+HOST_JOB_UID = 2_147_480_000  # no account's uid: what a root server's jobs are on the host, never uid 0
 SCRATCH = "/scratch"
 INPUT_DIR = "/job"
 INPUT_DIR_ENV = "OCTOMIL_JOB_INPUT_DIR"  # set only for unisolated jobs, whose inputs are links in a temporary dir
@@ -174,6 +177,9 @@ class Sandbox:
     def _probe(self) -> Isolation:
         if shutil.which(BWRAP) is None:
             return Isolation(False, f"bubblewrap ('bwrap') is not installed: {_BWRAP_FIX}")
+        if os.geteuid() == 0 and not all(shutil.which(t) for t in ("unshare", "setpriv", "prlimit", "mount")):
+            return Isolation(False, "a root server drops its jobs to another uid with util-linux's unshare, "
+                                    "setpriv, prlimit and mount, some of which are missing: install util-linux")
         try:
             seccomp_program()
         except (ImportError, OSError, RuntimeError) as exc:
@@ -195,12 +201,13 @@ class Sandbox:
 
     # the command line -------------------------------------------------------------------------------------
 
-    def _bwrap_args(self, files: JobFiles, limits: Limits, fds: dict[str, int]) -> list[str]:
+    def _bwrap_args(self, files: JobFiles, limits: Limits, fds: dict[str, int],
+                    staging: _Staging | None) -> list[str]:
         args = [BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
                 "--uid", str(JOB_UID), "--gid", str(JOB_UID), "--hostname", "job",
                 "--info-fd", str(fds["info"]), "--block-fd", str(fds["block"]), "--seccomp", str(fds["seccomp"])]
         for root in _read_only_roots():
-            args += ["--ro-bind", str(root), str(root)]
+            args += ["--ro-bind", staging.source(str(root)) if staging else str(root), str(root)]
         for hidden in self.hidden:
             if any(hidden.is_relative_to(r) for r in _read_only_roots()):
                 args += ["--size", "4096", "--tmpfs", str(hidden), "--remount-ro", str(hidden)]
@@ -212,7 +219,9 @@ class Sandbox:
                  "--size", str(limits.scratch_bytes), "--perms", "1777",
                  "--tmpfs", SCRATCH, "--symlink", SCRATCH, "/tmp"]  # /tmp is the scratch: one size limit
         for name, fd in fds.items():
-            if name.startswith("in:"):
+            if name.startswith("in:") and staging:
+                args += ["--ro-bind", staging.source(str(files.inputs[name[3:]])), f"{INPUT_DIR}/{name[3:]}"]
+            elif name.startswith("in:"):
                 args += ["--ro-bind-fd", str(fd), f"{INPUT_DIR}/{name[3:]}"]
         # The job's uid is the server's outside the user namespace, so nothing but the scratch may stay writable.
         args += ["--remount-ro", "/", "--chdir", SCRATCH]
@@ -231,6 +240,7 @@ class Sandbox:
         proc: subprocess.Popen[bytes] | None = None
         child: int | None = None
         copier: _OutputCopier | None = None
+        staging = _Staging() if os.geteuid() == 0 else None
         try:
             info_r, info_w = os.pipe()
             block_r, block_w = os.pipe()
@@ -243,7 +253,8 @@ class Sandbox:
             for name, path in files.inputs.items():
                 fds[f"in:{name}"] = os.open(path, os.O_PATH | os.O_NOFOLLOW)
                 opened.append(fds[f"in:{name}"])
-            passed = list(fds.values())
+            # Inputs go by descriptor to bwrap, or by path (checked above: no symlink) to a root server's wrapper.
+            passed = [fd for name, fd in fds.items() if not (staging and name.startswith("in:"))]
             if files.output is not None:
                 out_file = os.open(files.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
                 opened.append(out_file)
@@ -257,8 +268,9 @@ class Sandbox:
                 env_out = {}
             if self._cgroups:
                 cgroup = JobCgroup(self._cgroups, limits)
+            command = [*self._bwrap_args(files, limits, fds, staging), "--", *argv]
             proc = subprocess.Popen(
-                [*self._bwrap_args(files, limits, fds), "--", *argv], stdin=subprocess.PIPE,
+                staging.wrap(command, limits) if staging else command, stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=passed, close_fds=True,
                 env={**job_env(), **env_out})
             for fd in (info_w, block_r, *([out_fd] if copier else [])):
@@ -268,7 +280,8 @@ class Sandbox:
             if child is not None:
                 if cgroup is not None:
                     cgroup.add(child)
-                _set_rlimits(child, limits)
+                if staging is None:  # else set by the wrapper: root may lack CAP_SYS_RESOURCE for another uid
+                    _set_rlimits(child, limits)
             kill = lambda: _kill_tree(proc, child)  # noqa: E731 - binds the pids known only now
             if copier is not None:
                 copier.start(kill)
@@ -290,6 +303,8 @@ class Sandbox:
                     os.close(fd)
             if cgroup is not None:
                 cgroup.destroy()
+            if staging is not None:
+                staging.remove()
 
     @staticmethod
     def _sandbox_init_pid(info_r: int, proc: subprocess.Popen[bytes], limits: Limits) -> int | None:
@@ -357,11 +372,49 @@ class Sandbox:
         return _worker_result(done)
 
 
+class _Staging:
+    """A root server runs bwrap as HOST_JOB_UID, who cannot reach sources like a 0700 /root: each is bound first
+    (as root, in a private mount namespace of the job's own) onto a mount point that uid can reach."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="octomil-job-"))
+        os.chmod(self.dir, 0o711)
+        self.binds: list[tuple[str, Path]] = []
+
+    def source(self, path: str) -> str:
+        mount_point = self.dir / str(len(self.binds))
+        if os.path.isdir(path):
+            mount_point.mkdir()
+        else:
+            mount_point.touch()
+        self.binds.append((path, mount_point))
+        return str(mount_point)
+
+    def wrap(self, command: list[str], limits: Limits) -> list[str]:
+        """unshare, sh and prlimit exec in place, so the server's child is bwrap itself (its PID, death signal)."""
+        script = [f"mount --bind {shlex.quote(src)} {shlex.quote(str(dst))}" for src, dst in self.binds]
+        rlimits = " ".join(f"--{name}={value}:{value}" for name, value in (
+            ("as", limits.memory_bytes), ("cpu", limits.cpu_seconds), ("fsize", limits.file_size_bytes),
+            ("core", 0), ("nofile", 1024), ("nproc", limits.max_processes)))
+        script.append(f"exec prlimit {rlimits} -- setpriv --reuid {HOST_JOB_UID} --regid {HOST_JOB_UID} "
+                      '--clear-groups -- "$@"')
+        return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-ec", "\n".join(script), "sh",
+                *command]
+
+    def remove(self) -> None:
+        # rmdir/unlink, never rmtree: on the host these are empty mount points (the binds live in the job's namespace).
+        for _, mount_point in self.binds:
+            with contextlib.suppress(OSError):
+                mount_point.rmdir() if mount_point.is_dir() else mount_point.unlink()
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
+
+
 def _set_rlimits(pid: int, limits: Limits, own_user_namespace: bool = True) -> None:
     """Per-process limits, inherited by everything the job starts (the cgroup bounds the sum).
 
-    RLIMIT_NPROC counts the job's processes in its own user namespace, except where the server runs as root
-    (the kernel exempts uid 0): there only the pids cgroup bounds them. Unisolated, it would count the server's."""
+    RLIMIT_NPROC counts the job's processes in its own user namespace (a root server's job is HOST_JOB_UID, not
+    exempt uid 0); the pids cgroup bounds them too. Unisolated, it would count the server's."""
     for res, value in ((resource.RLIMIT_AS, limits.memory_bytes), (resource.RLIMIT_CPU, limits.cpu_seconds),
                        (resource.RLIMIT_FSIZE, limits.file_size_bytes), (resource.RLIMIT_CORE, 0),
                        (resource.RLIMIT_NOFILE, 1024),

@@ -109,3 +109,21 @@ def test_a_normal_parity_report_is_kept_as_json() -> None:
     report_ = {"max_abs_diff": 1e-7, "tolerance": 1e-4, "within": True, "inputs": 16, "note": None}
     assert json.loads(parity_json(report_) or "null") == report_
     assert parity_json(None) is None
+
+
+def test_a_root_servers_job_is_not_host_root(sandbox: Sandbox, tmp_path: Path) -> None:  # noqa: F811
+    # bwrap maps the job's uid to its caller's: run as root, the job owned every root file bound into it.
+    if os.geteuid() != 0:
+        pytest.skip("only a root server drops its jobs to another host uid")
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root only")
+    secret.chmod(0o600)
+    done = run_hostile(sandbox, """
+        import json
+        try:
+            open("/job/secret", "rb").read()
+            print(json.dumps({"read": "allowed"}))
+        except OSError as exc:
+            print(json.dumps({"read": exc.errno}))
+    """, files=JobFiles({"secret": secret}))
+    assert report(done)["read"] == errno.EACCES

@@ -88,11 +88,12 @@ async def aggregate(fed: Federated, req: Aggregate) -> dict[str, Any]:
         async with contextlib.AsyncExitStack() as stack:
             base_path = await stack.enter_async_context(fed.blobs.local_copy(base["digest"]))
             update_paths = [await stack.enter_async_context(fed.blobs.local_copy(u["digest"])) for u in chosen]
+            inputs = {"base": base_path, **{f"updates/{i}": path for i, path in enumerate(update_paths)}}
             await fed.sandboxed("aggregate-weights", {
-                "base": {"path": str(base_path), "encoding": encoding},
-                "updates": [{"path": str(path), "encoding": u["encoding"], "weight": u["sample_count"],
-                             "delta": u["update_format"] == "delta"} for u, path in zip(chosen, update_paths)],
-                "out": str(out)}, limits)
+                "base": {"input": "base", "encoding": encoding},
+                "updates": [{"input": f"updates/{i}", "encoding": u["encoding"], "weight": u["sample_count"],
+                             "delta": u["update_format"] == "delta"} for i, u in enumerate(chosen)]},
+                limits, inputs, out)
         staged = await fed.blobs.stage_file(out)
     except BaseException:
         out.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ import time
 
 SCOPES = ("read", "device", "write", "admin")  # each allows what those before it do; device = read + submit updates
 KEY_PREFIX = "oml_"
+ASGI_SCOPE_KEY = "octomil_lite.key"  # where the pre-routing check leaves the caller's KeyInfo in the ASGI scope
 
 
 def new_key() -> str:

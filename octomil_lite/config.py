@@ -49,6 +49,7 @@ class Config:
     max_link_age: int = 7 * 24 * 3600  # seconds (<= LINK_AGE_CEILING); longer links are refused
     presigned_downloads: bool = False  # download-url hands out the object store's pre-signed URL
     conversion_lease: float = 60.0  # seconds a job stays claimed without a renewal from its process
+    unsafe_conversions: bool = False  # run conversion jobs without isolation (the operator accepts the risk)
 
     def __post_init__(self) -> None:
         # conversion children run in their own working directory: a relative data directory would not be found

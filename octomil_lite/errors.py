@@ -56,6 +56,11 @@ class RateLimited(OctomilError):
     code = "rate_limited"
 
 
+class ServiceUnavailable(OctomilError):
+    status = 503
+    code = "service_unavailable"
+
+
 MAX_REASON_CHARS = 300
 
 

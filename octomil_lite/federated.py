@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from . import storage
 from .aggregation import aggregate, iso, iso_now, json_or, status_of, utc_now
 from .convert import tensors
-from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
-from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
+from .convert.sandbox import CHECK_LIMITS, IsolationUnavailable, JobFiles, Limits, SandboxError
+from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError, ServiceUnavailable
 from .schemas import (
     Aggregate,
     Heartbeat,
@@ -249,7 +249,8 @@ class Federated:
 
     async def _read_signature(self, path: Path, encoding: str, what: str) -> tensors.Signature:
         if encoding == "torch":
-            result = await self.sandboxed("inspect-weights", {"path": str(path), "encoding": encoding}, CHECK_LIMITS)
+            result = await self.sandboxed("inspect-weights", {"input": "weights", "encoding": encoding}, CHECK_LIMITS,
+                                          {"weights": path})
             if result["nonfinite"]:
                 raise BadRequest(f"{what} has NaN or infinite values in {result['nonfinite'][:5]}.")
             return {k: (list(s), d) for k, (s, d) in result["signature"].items()}
@@ -269,9 +270,15 @@ class Federated:
         except tensors.WeightsError as exc:
             raise BadRequest(f"{what} cannot be used: {exc}.") from None
 
-    async def sandboxed(self, task: str, payload: Row, limits: Limits) -> Row:
+    async def sandboxed(self, task: str, payload: Row, limits: Limits, inputs: dict[str, Path],
+                        output: Path | None = None) -> Row:
+        """Run a weights task as an isolated job on INPUTS (bound read-only), its file result written to OUTPUT."""
+        for path in inputs.values():
+            path.chmod(0o444)  # a root server's job runs as another uid; a committed blob is 0444 anyway
         try:
-            result = await run_task(task, payload, limits, self.blobs.tmp)
+            result = await self.registry.sandbox.run_task(task, payload, limits, JobFiles(inputs, output))
+        except IsolationUnavailable as exc:
+            raise ServiceUnavailable(f"Weights files are read in an isolated job, and {exc}.") from exc
         except SandboxError as exc:
             raise BadRequest(f"The weights could not be read: {exc}.") from exc
         if not result.get("ok"):

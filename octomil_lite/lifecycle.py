@@ -107,7 +107,7 @@ class Lifecycle:
         await self.registry.db.update_version(version["seq"], {"metrics": json.dumps(kept) if kept else None})
         return await self.registry.get_version(model_id, str(version["number"]))
 
-    async def create_version(self, model_id: str, req: CreateVersion) -> UploadedVersion:
+    async def create_version(self, model_id: str, req: CreateVersion, uploader: str | None = None) -> UploadedVersion:
         """Register bytes already in the store as a version, after checking their size and checksum.
 
         `storage_path` is the storage_key of a direct upload whose PUT is done, or a stored blob: its model_path
@@ -121,7 +121,7 @@ class Lifecycle:
         form = UploadForm(format=req.format, label=label_of(req.version), description=req.description,
                           status=req.status, metrics=dict(req.metrics) if req.metrics else None)
         if is_storage_key(req.storage_path):
-            return await self.confirm_upload(model_id, req.storage_path, req.size_bytes, form, digest)
+            return await self.confirm_upload(model_id, req.storage_path, req.size_bytes, form, digest, uploader)
         stored = req.storage_path.rsplit("/", 1)[-1].lower().removeprefix("sha256:")
         if not re.fullmatch(r"[0-9a-f]{64}", stored) or not await self.registry.blobs.has(stored):
             raise BadRequest("Field 'storage_path' must name bytes already in this registry: a storage_key from "
@@ -137,7 +137,7 @@ class Lifecycle:
             if staged.size != req.size_bytes:
                 raise BadRequest(f"Field 'size_bytes' ({req.size_bytes}) does not match the stored bytes "
                                  f"({staged.size} bytes).")
-            return await self.registry.upload_version(model["id"], {"file": UploadedFile(staged, "")}, form)
+            return await self.registry.upload_version(model["id"], {"file": UploadedFile(staged, "")}, form, uploader)
         finally:
             await staged.discard()
 
@@ -154,7 +154,7 @@ class Lifecycle:
         return await self.registry.direct.create(model, label, filename[:255])
 
     async def confirm_upload(self, model_id: str, storage_key: str, file_size: int | None, form: UploadForm,
-                             digest: str | None = None) -> UploadedVersion:
+                             digest: str | None = None, uploader: str | None = None) -> UploadedVersion:
         """Turn a received direct upload into a version, with the checks and conversions of a multipart upload."""
         model = await self.registry.model_row(model_id)
         row, staged = await self.registry.direct.claim(model, storage_key)
@@ -169,7 +169,7 @@ class Lifecycle:
                                  f"(sha256:{staged.digest}).")
             form.label = row["label"]
             upload = UploadedFile(staged, row["filename"])
-            return await self.registry.upload_version(model["id"], {"file": upload}, form)
+            return await self.registry.upload_version(model["id"], {"file": upload}, form, uploader)
         finally:
             await staged.discard()
             await self.registry.direct.finish(storage_key)

@@ -6,10 +6,12 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -19,9 +21,9 @@ from .config import Config
 from .convert import routes
 from .convert.pool import TARGETS, ConversionPool
 from .convert.quantize import QUANTIZED
-from .convert.sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
+from .convert.sandbox import CHECK_LIMITS, IsolationUnavailable, JobFiles, Limits, Sandbox, SandboxError
 from .direct_uploads import DirectUploads
-from .errors import BadRequest, Conflict, Forbidden, NotFound
+from .errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable
 from .federated import Federated
 from .federations import Federations
 from .keys import ApiKeys
@@ -94,8 +96,9 @@ class Registry(ApiKeys):
         self.config = config
         self.db = db
         self.blobs = blobs
-        self.pool = ConversionPool(db, blobs, Limits(timeout=config.conversion_timeout,
-                                                     memory_bytes=config.conversion_memory_bytes),
+        self.sandbox = Sandbox(hidden=[config.data_dir], allow_unsafe=config.unsafe_conversions)
+        self.pool = ConversionPool(db, blobs, self.sandbox, Limits(timeout=config.conversion_timeout,
+                                                                   memory_bytes=config.conversion_memory_bytes),
                                    config.conversion_workers, utc_now, config.conversion_lease)
         self.training = Federated(self)
         self.direct = DirectUploads(db, blobs, config.data_dir)
@@ -118,6 +121,7 @@ class Registry(ApiKeys):
         """Serving: sweep leftovers of a previous run and start converting."""
         self.blobs.sweep_tmp()
         await self.db.recover_direct_uploads()
+        await asyncio.to_thread(self.sandbox.probe)
         await self.pool.start()
 
     async def close(self) -> None:
@@ -213,8 +217,11 @@ class Registry(ApiKeys):
     def stage_upload(self) -> StagedBlob:
         return self.blobs.stage()
 
-    async def upload_version(self, model_id: str, files: dict[str, UploadedFile], form: UploadForm) -> UploadedVersion:
-        """Turn finished, staged bytes into the model's next version (the caller discards the staged files)."""
+    async def upload_version(self, model_id: str, files: dict[str, UploadedFile], form: UploadForm,
+                             uploader: str | None = None) -> UploadedVersion:
+        """Turn finished, staged bytes into the model's next version (the caller discards the staged files).
+
+        UPLOADER (the key's name) is whose turn its conversions wait for: jobs are claimed round-robin by key."""
         row = await self.model_row(model_id)
         upload = files["file"]
         staged = upload.staged
@@ -240,7 +247,7 @@ class Registry(ApiKeys):
             artifacts.append({"format": "onnx", "status": "pending", "updated_at": now})
         version = {"label": form.label, "format": fmt, "kind": sniffed.kind, "digest": staged.digest,
                    "size": staged.size, "description": form.description, "round_id": form.round_id,
-                   "accuracy": form.accuracy, "loss": form.loss, "uploaded_at": now,
+                   "accuracy": form.accuracy, "loss": form.loss, "uploaded_at": now, "uploaded_by": uploader,
                    "input_shape": json.dumps(form.input_shape) if form.input_shape else None,
                    "status": form.status, "metrics": json.dumps(form.metrics) if form.metrics else None}
         figures = {k: getattr(form, k) for k in ("round_id", "accuracy", "loss") if getattr(form, k) is not None}
@@ -266,20 +273,29 @@ class Registry(ApiKeys):
                                         **{a["format"]: a["status"] for a in artifacts}})
 
     async def _checked_onnx(self, staged: StagedBlob, data: UploadedFile | None) -> tuple[StagedBlob, Any]:
-        """Validate an ONNX upload in a child; with external weights, fold them into one self-contained file."""
+        """Validate an ONNX upload in a job; with external weights, fold them into one self-contained file."""
         async with staged.local_path() as path:
             if data is None:
-                result = await self._sandboxed("check-onnx", {"path": str(path)})
-                return staged, result.get("signature")
+                return staged, (await self._sandboxed("check-onnx", {}, {"model": path})).get("signature")
             folded = self.blobs.tmp / f"{path.name}.folded.onnx"
-            async with data.staged.local_path() as data_path:
-                result = await self._sandboxed("fold-onnx", {"path": str(path), "data": str(data_path),
-                                                             "data_name": data.filename, "out": str(folded)})
+            name = os.path.basename(data.filename.replace("\\", "/"))
+            bound = name if name not in ("", ".", "..") and "\x00" not in name else "onnx_data"
+            try:
+                async with data.staged.local_path() as data_path:
+                    inputs = {"model": path, f"data/{bound}": data_path}
+                    result = await self._sandboxed("fold-onnx", {"data_name": name}, inputs, folded)
+            except BaseException:
+                folded.unlink(missing_ok=True)
+                raise
         return await self.blobs.stage_file(folded), result.get("signature")
 
-    async def _sandboxed(self, task: str, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _sandboxed(self, task: str, payload: Row, inputs: dict[str, Path], out: Path | None = None) -> Row:
+        for path in inputs.values():
+            path.chmod(0o444)  # a root server's job runs as another uid; a committed blob is 0444 anyway
         try:
-            result = await run_task(task, payload, CHECK_LIMITS, self.blobs.tmp)
+            result = await self.sandbox.run_task(task, payload, CHECK_LIMITS, JobFiles(inputs, out))
+        except IsolationUnavailable as exc:
+            raise ServiceUnavailable(f"ONNX uploads are checked in an isolated job, and {exc}.") from exc
         except SandboxError as exc:
             raise BadRequest(f"The ONNX model could not be checked: {exc}.") from exc
         if not result.get("ok"):

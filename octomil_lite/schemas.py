@@ -35,6 +35,7 @@ class Health(Schema):
     status: str
     version: str
     conversions: dict[str, list[str]]
+    isolation: dict[str, Any]
 
 
 class Model(Schema):

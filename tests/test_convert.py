@@ -20,8 +20,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from octomil_lite.convert.pool import TARGETS
 from octomil_lite.convert.routes import available_conversions
-from octomil_lite.convert.sandbox import Limits, run_task
+from octomil_lite.convert.sandbox import JobFiles, Limits, Sandbox
 from octomil_lite.convert.worker import run_job
 
 ROWS = np.random.RandomState(7).standard_normal((10, 6)).astype(np.float32)
@@ -36,11 +37,20 @@ def convert(src: Path, kind: str, target: str, out_dir: Path, hint: str | None =
 
 
 def in_sandbox(tmp_path: Path, src: Path, kind: str, target: str, hint: str | None = None) -> dict[str, Any]:
+    """Convert through the server's real job sandbox; the output lands in sandbox-out/model.<target>."""
+    sandbox = Sandbox(hidden=[])
+    assert sandbox.probe().available, sandbox.isolation.reason
     out_dir = tmp_path / "sandbox-out"
     out_dir.mkdir()
-    payload = {"src": str(src), "kind": kind, "framework_hint": hint, "target": target, "out_dir": str(out_dir),
-               "options": {}}
-    return asyncio.run(run_task("convert", payload, Limits(timeout=300), tmp_path))
+    output = out_dir / f"model{TARGETS[target]}"
+    payload = {"kind": kind, "framework_hint": hint, "target": target, "options": {}}
+    result = asyncio.run(sandbox.run_task("convert", payload, Limits(timeout=300),
+                                          JobFiles({"model": src}, output=output)))
+    if result.get("status") == "done":
+        result["path"] = str(output)
+    else:
+        output.unlink()
+    return result
 
 
 def assert_done(result: dict[str, Any], out_dir: Path, name: str) -> Path:

@@ -180,8 +180,8 @@ def test_checker_refuses_external_data_even_when_the_target_exists(builder: str,
     from octomil_lite.convert.onnx_checks import check_onnx
 
     (tmp_path / "weights.bin").write_bytes(SECRET)
-    path = tmp_path / "model.onnx"
-    path.write_bytes(BUILDERS[builder]("weights.bin"))
+    (tmp_path / "model").write_bytes(BUILDERS[builder]("weights.bin"))  # the job's input, as the sandbox names it
+    monkeypatch.setenv("OCTOMIL_JOB_INPUT_DIR", str(tmp_path))
     monkeypatch.chdir(tmp_path)
-    result = check_onnx({"path": str(path)})
+    result = check_onnx({})
     assert result["ok"] is False and "external data" in result["reason"], result

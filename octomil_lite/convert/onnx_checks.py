@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
+
+from .sandbox import job_input
 
 
 def check_onnx(payload: dict[str, Any]) -> dict[str, Any]:
@@ -10,7 +14,7 @@ def check_onnx(payload: dict[str, Any]) -> dict[str, Any]:
     import onnx
 
     try:
-        model = onnx.load(payload["path"], load_external_data=False)
+        model = onnx.load(job_input("model"), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
         return {"ok": False, "reason": f"not a readable ONNX model ({type(exc).__name__})"}
     for tensor in _all_tensors(model):
@@ -26,13 +30,13 @@ def check_onnx(payload: dict[str, Any]) -> dict[str, Any]:
 
 def fold_onnx(payload: dict[str, Any]) -> dict[str, Any]:
     """Fold an uploaded external-weights file into its ONNX model, refusing any other reference."""
-    import os
+    import shutil
 
     import onnx
     from onnx.external_data_helper import load_external_data_for_model
 
     try:
-        model = onnx.load(payload["path"], load_external_data=False)
+        model = onnx.load(job_input("model"), load_external_data=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
         return {"ok": False, "reason": f"not a readable ONNX model ({type(exc).__name__})"}
     name = os.path.basename(payload["data_name"].replace("\\", "/"))
@@ -43,15 +47,19 @@ def fold_onnx(payload: dict[str, Any]) -> dict[str, Any]:
         if location != name or not name or name in (".", ".."):
             return {"ok": False, "reason": f"tensor '{tensor.name}' references external data '{location[:100]}', "
                                            f"but the uploaded onnx_data file is '{name[:100]}'"}
-    os.replace(payload["data"], name)  # moved into this empty working directory; onnx refuses hard links
+    folder = Path(job_input("data"))  # the parent put the weights there under their uploaded name
+    if (folder / name).is_symlink():  # unisolated (--unsafe-conversions) jobs get links; onnx wants a real file
+        os.mkdir("fold")
+        shutil.copyfile(folder / name, Path("fold", name))
+        folder = Path("fold")
     try:
-        load_external_data_for_model(model, ".")
+        load_external_data_for_model(model, str(folder))
         onnx.checker.check_model(model, full_check=False)
-        onnx.save_model(model, payload["out"])
+        onnx.save_model(model, "folded.onnx")
     except Exception as exc:  # noqa: BLE001
         first_line = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         return {"ok": False, "reason": f"the model and its onnx_data do not fit together: {first_line}"}
-    return {"ok": True, "signature": onnx_signature(model)}
+    return {"ok": True, "signature": onnx_signature(model), "path": "folded.onnx"}
 
 
 def _all_tensors(model: Any) -> Any:

@@ -10,9 +10,7 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import bounded_reason
 from .quantize import QUANTIZED
-from .sandbox import CHECK_LIMITS, Limits, SandboxError, run_task
+from .sandbox import CHECK_LIMITS, IsolationUnavailable, JobFiles, Limits, Sandbox, SandboxError
 
 if TYPE_CHECKING:  # the pool needs only the interfaces, never a store's module
     from ..storage import BlobStore, MetadataStore, Recorder, Row
@@ -28,6 +26,7 @@ if TYPE_CHECKING:  # the pool needs only the interfaces, never a store's module
 log = logging.getLogger("octomil_lite.conversions")
 
 TARGETS = {"onnx": ".onnx", "tflite": ".tflite", "coreml": ".mlpackage.zip"}
+MAX_PARITY_JSON = 16 * 1024  # a parity report is a handful of numbers; it is stored and served with the version
 
 
 def _died_here(owner: str) -> bool:
@@ -48,9 +47,10 @@ def _died_here(owner: str) -> bool:
 class ConversionPool:
     """`workers` asyncio tasks, each running one conversion child at a time; the event loop never waits on one."""
 
-    def __init__(self, db: MetadataStore, blobs: BlobStore, limits: Limits, workers: int, now: Callable[[], str],
-                 lease: float):
+    def __init__(self, db: MetadataStore, blobs: BlobStore, sandbox: Sandbox, limits: Limits, workers: int,
+                 now: Callable[[], str], lease: float):
         self.db = db
+        self.sandbox = sandbox
         self.blobs = blobs
         self.limits = limits
         self.workers = workers
@@ -114,13 +114,13 @@ class ConversionPool:
         await run
 
     async def _run(self, job: Row) -> None:
-        out_dir = Path(tempfile.mkdtemp(prefix="convert-", dir=self.blobs.tmp))
+        output = self.blobs.tmp / f"convert-{uuid.uuid4().hex}.out"
         try:
-            fields = await self._convert(job, out_dir)
+            fields = await self._convert(job, output)
             if fields.get("status") != "ready":
                 await self.db.finish_job(job["seq"], self.owner, {**fields, "updated_at": self.now()})
                 return
-            staged = await self.blobs.stage_file(Path(fields.pop("path")))
+            staged = await self.blobs.stage_file(output)
             fields.update(digest=staged.digest, size=staged.size, updated_at=self.now())
 
             async def publish(record: Recorder) -> None:
@@ -131,9 +131,10 @@ class ConversionPool:
             finally:
                 await staged.discard()
         finally:
-            shutil.rmtree(out_dir, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                output.unlink()
 
-    async def _convert(self, job: Row, out_dir: Path) -> dict[str, Any]:
+    async def _convert(self, job: Row, output: Path) -> dict[str, Any]:
         task, digest = "convert", job["digest"]
         if job["target"] in QUANTIZED:  # made from the version's ONNX form, not from its original bytes
             onnx = await self.db.get_artifact(job["version_seq"], "onnx")
@@ -141,16 +142,16 @@ class ConversionPool:
                 return {"status": "failed", "reason": "the version has no ONNX form to quantize"}
             task, digest = "quantize", onnx["digest"]
         async with self.blobs.local_copy(digest) as src:
-            return await self._convert_file(job, task, src, out_dir)
+            return await self._convert_file(job, task, src, output)
 
-    async def _convert_file(self, job: Row, task: str, src: Path, out_dir: Path) -> dict[str, Any]:
-        payload = {
-            "src": str(src), "kind": job["kind"], "framework_hint": job["format"],
-            "target": job["target"], "out_dir": str(out_dir),
-            "options": {"input_shape": json.loads(job["input_shape"])} if job["input_shape"] else {},
-        }
+    async def _convert_file(self, job: Row, task: str, src: Path, output: Path) -> dict[str, Any]:
+        payload = {"kind": job["kind"], "framework_hint": job["format"], "target": job["target"],
+                   "options": {"input_shape": json.loads(job["input_shape"])} if job["input_shape"] else {}}
+        src.chmod(0o444)  # a root server's job runs as another uid (a blob is 0444 already; a download is not)
         try:
-            result = await run_task(task, payload, self.limits, self.blobs.tmp)
+            result = await self.sandbox.run_task(task, payload, self.limits, JobFiles({"model": src}, output))
+        except IsolationUnavailable as exc:
+            return {"status": "unavailable", "reason": f"conversions are off on this server: {exc}"}
         except SandboxError as exc:
             return {"status": "failed", "reason": f"the conversion {exc}"}
         status = result.get("status")
@@ -159,19 +160,34 @@ class ConversionPool:
             return {"status": status, "reason": bounded_reason(result.get("reason") or "no reason given")}
         if status != "done":
             return {"status": "failed", "reason": "the converter returned no result"}
-        output = Path(str(result.get("path", ""))).resolve()
-        if output.parent != out_dir.resolve() or output.is_symlink() or not output.is_file():
-            return {"status": "failed", "reason": "the converter wrote its output outside its working directory"}
+        size = output.stat().st_size
+        if size == 0 or result.get("output_size") != size:
+            return {"status": "failed", "reason": "the converter returned no complete output file"}
+        try:
+            parity = parity_json(result.get("parity"))
+        except ValueError:
+            return {"status": "failed", "reason": "the converter returned a malformed or oversized parity report"}
         signature = None
         if job["target"] == "onnx" or job["target"] in QUANTIZED:
-            try:
-                check = await run_task("check-onnx", {"path": str(output)}, CHECK_LIMITS, self.blobs.tmp)
+            output.chmod(0o444)  # a root server's check job runs as another uid; the blob will be 0444 anyway
+            try:  # a fresh job checks what the converting job wrote
+                check = await self.sandbox.run_task("check-onnx", {}, CHECK_LIMITS, JobFiles({"model": output}))
             except SandboxError as exc:
                 return {"status": "failed", "reason": f"checking the converted ONNX model {exc}"}
             if not check.get("ok"):
                 reason = bounded_reason(f"the converted ONNX model is invalid: {check.get('reason')}")
                 return {"status": "failed", "reason": reason}
             signature = json.dumps(check.get("signature"))
-        return {"status": "ready", "reason": None, "path": str(output), "signature": signature,
-                "parity": json.dumps(result.get("parity")) if result.get("parity") is not None else None,
+        return {"status": "ready", "reason": None, "signature": signature,
+                "parity": parity,
                 "converter": str(result.get("converter") or "")[:200] or None}
+
+
+def parity_json(parity: Any) -> str | None:
+    """The job's parity report as stored (None if it gave none); ValueError if it is not a small JSON object."""
+    if parity is None:
+        return None
+    text = json.dumps(parity)
+    if not isinstance(parity, dict) or len(text) > MAX_PARITY_JSON:
+        raise ValueError("not a small JSON object")
+    return text

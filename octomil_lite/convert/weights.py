@@ -31,9 +31,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _arrays(spec: dict[str, Any]) -> dict[str, Any]:
+    from .sandbox import job_input
     from .tensors import load_arrays
 
-    return _torch_state(spec["path"]) if spec["encoding"] == "torch" else load_arrays(spec["path"], spec["encoding"])
+    path = job_input(spec["input"])
+    return _torch_state(path) if spec["encoding"] == "torch" else load_arrays(path, spec["encoding"])
 
 
 def inspect_weights(payload: dict[str, Any]) -> dict[str, Any]:
@@ -59,10 +61,11 @@ def aggregate_weights(payload: dict[str, Any]) -> dict[str, Any]:
         result = fedavg(base, updates)
     except WeightsError as exc:
         return {"ok": False, "reason": str(exc)}
+    out = "aggregated"  # in the job's scratch; the worker sends it through the output descriptor
     if payload["base"]["encoding"] == "torch":
         import torch
 
-        torch.save({k: torch.from_numpy(v) for k, v in result.items()}, payload["out"])
+        torch.save({k: torch.from_numpy(v) for k, v in result.items()}, out)
     else:
-        save_npz(payload["out"], result)
-    return {"ok": True, "tensors": len(result)}
+        save_npz(out, result)
+    return {"ok": True, "tensors": len(result), "path": out}

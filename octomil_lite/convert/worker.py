@@ -1,11 +1,14 @@
-"""Child-process entry point: `python -I -m octomil_lite.convert.worker TASK` reads a JSON payload on stdin.
+"""Job entry point: `python -I -m octomil_lite.convert.worker TASK` reads a JSON payload on stdin.
 
-Only ever started by `sandbox.run_task`; it prints one JSON object as its last stdout line.
+Only ever started by `Sandbox.run_task`, inside the job's sandbox: its inputs are read-only files under the input
+directory, its working directory is the job's scratch, and a file it produces leaves through the output file
+descriptor the parent passed. It prints one JSON object as its last stdout line.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -17,6 +20,7 @@ from ..errors import bounded_reason
 from .job import Converted, Impossible, Unavailable, parse_job
 from .onnx_checks import check_onnx, fold_onnx, onnx_signature
 from .routes import converter_for
+from .sandbox import OUTPUT_FD_ENV, job_input
 from .weights import aggregate_weights, inspect_weights
 
 
@@ -78,6 +82,19 @@ def _done_result(done: Converted) -> dict[str, Any]:
             "framework": done.framework, "framework_version": done.framework_version, "converter": done.converter}
 
 
+def _send_output(result: dict[str, Any]) -> dict[str, Any]:
+    """Copy the file a task produced in scratch to the output descriptor; the parent reads it from there."""
+    produced = result.pop("path", None)
+    fd = os.environ.get(OUTPUT_FD_ENV)
+    if produced is None or fd is None:
+        return result
+    with open(produced, "rb") as src, os.fdopen(int(fd), "wb") as out:
+        while chunk := src.read(1 << 20):
+            out.write(chunk)
+    result["output_size"] = os.path.getsize(produced)
+    return result
+
+
 def main() -> None:
     task = sys.argv[1]
     payload = json.loads(sys.stdin.read())
@@ -89,15 +106,18 @@ def main() -> None:
         result = inspect_weights(payload)
     elif task == "aggregate-weights":
         result = aggregate_weights(payload)
-    elif task == "quantize":
-        from .quantize import quantize
+    elif task in ("convert", "quantize"):
+        os.mkdir("out")
+        files = {"src": job_input("model"), "out_dir": os.path.abspath("out")}
+        if task == "quantize":
+            from .quantize import quantize
 
-        result = quantize(payload)
-    elif task == "convert":
-        result = run_job(payload)
+            result = quantize({**payload, **files})
+        else:
+            result = run_job({**payload, **files})
     else:
         raise SystemExit(f"unknown task {task}")
-    sys.stdout.write("\n" + json.dumps(result) + "\n")
+    sys.stdout.write("\n" + json.dumps(_send_output(result)) + "\n")
 
 
 if __name__ == "__main__":

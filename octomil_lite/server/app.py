@@ -17,7 +17,7 @@ from litestar.exceptions import HTTPException, SerializationException, Validatio
 from litestar.types import ASGIApp, Receive, Scope, Send
 from litestar.utils import normalize_path
 
-from ..auth import RateLimiter, scope_allows
+from ..auth import ASGI_SCOPE_KEY, RateLimiter, scope_allows
 from ..config import Config, human_size
 from ..convert.routes import available_conversions
 from ..errors import DISK_FULL, UNEXPECTED, BadRequest, Forbidden, OctomilError, RateLimited, Unauthorized
@@ -125,7 +125,7 @@ def _is_api(path: str) -> bool:
     return path == "/api" or path.startswith("/api/")
 
 
-_KEY_INFO = "octomil_lite.key"  # where the pre-routing check leaves the caller's KeyInfo in the ASGI scope
+_KEY_INFO = ASGI_SCOPE_KEY
 
 
 async def _authenticate(scope: Scope) -> KeyInfo:

@@ -24,6 +24,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 from litestar.response import Stream
 
 from .. import __version__, transfer
+from ..auth import ASGI_SCOPE_KEY
 from ..config import LINK_AGE_CEILING
 from ..errors import BadRequest
 from ..registry import Registry
@@ -171,6 +172,11 @@ class ImportOperation(Operation):
             schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY))})
 
 
+def uploader_of(request: Request[Any, Any, Any]) -> str:
+    """The calling key's name: whose turn an upload's conversions wait for (jobs are claimed round-robin by key)."""
+    return str(request.scope[ASGI_SCOPE_KEY].name)  # type: ignore[literal-required]
+
+
 class ModelController(Controller):
     path = "/api/v1/models"
 
@@ -263,7 +269,8 @@ class ModelController(Controller):
             raise too_large(limit)
         parsed = await receive_upload(_chunks(request), boundary, limit, registry.stage_upload)
         try:
-            return await registry.upload_version(model_id, parsed.files, upload_form(parsed.fields))
+            return await registry.upload_version(model_id, parsed.files, upload_form(parsed.fields),
+                                                 uploader=uploader_of(request))
         finally:
             await parsed.discard()
 
@@ -326,4 +333,5 @@ async def import_bundle(request: Request[Any, Any, Any], registry: NamedDependen
      summary="Is the server up, and which conversions can it make",
      description="No key needed. `conversions` maps each source format to the targets this install can produce.")
 def health(request: Request[Any, Any, Any]) -> Health:
-    return Health(status="ok", version=__version__, conversions=request.app.state.conversions)
+    return Health(status="ok", version=__version__, conversions=request.app.state.conversions,
+                  isolation=request.app.state.registry.sandbox.isolation.as_dict())

@@ -26,7 +26,7 @@ from ..schemas import (
     VersionList,
     VersionStatus,
 )
-from .controllers import PublicOperation, _chunks, _decode, _errors
+from .controllers import PublicOperation, _chunks, _decode, _errors, uploader_of
 from .uploads import receive_raw, too_large, upload_form
 
 
@@ -90,7 +90,8 @@ class VersionLifecycleController(Controller):
                              registry: NamedDependency[Registry],
                              data: JSONBody[CreateVersion]) -> UploadedVersion:
         await registry.require_model(model_id)  # a missing model is a 404 whatever the body holds
-        return await registry.lifecycle.create_version(model_id, _decode(await request.body(), CreateVersion))
+        return await registry.lifecycle.create_version(model_id, _decode(await request.body(), CreateVersion),
+                                                       uploader_of(request))
 
     @post("/{model_id:str}/versions/{version:str}/publish", opt={"scope": "write"}, status_code=200,
           responses=_errors())
@@ -147,7 +148,7 @@ class VersionLifecycleController(Controller):
         await registry.require_model(model_id)
         fields = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
         return await registry.lifecycle.confirm_upload(model_id, data.storage_key, _file_size(data.file_size),
-                                             upload_form(fields))
+                                                       upload_form(fields), uploader=uploader_of(request))
 
 
 @put("/signed/models/{model_id:str}/uploads/{storage_key:str}", opt={"public": True}, request_max_body_size=None,

@@ -172,8 +172,10 @@ class MetadataStore(TrainingStore, Protocol):
     async def request_artifact(self, version_seq: int, fmt: str, when: str) -> Row:
         """The artifact row, created as a pending job if it does not exist."""
     async def claim_job(self, when: str, owner: str, lease: float) -> Row | None:
-        """Lease the oldest pending job, or a running one whose lease ran out (its process died), to `owner`
-        for `lease` seconds; each job goes to exactly one claimer. Return it with what the converter needs."""
+        """Lease a pending job, or a running one whose lease ran out (its process died), to `owner` for `lease`
+        seconds; each job goes to exactly one claimer. Round-robin by uploading key: the oldest job of the key
+        whose last claim is oldest (or who has none), so one key's queue delays another key by at most one job
+        per worker. Return it with what the converter needs."""
     async def lease_owners(self) -> set[str]:
         """The owners of running jobs' leases."""
     async def expire_leases(self, owners: list[str]) -> int:

@@ -24,6 +24,21 @@ from .postgres_training import PostgresTrainingQueries
 _MIGRATION_LOCK = 0x6F6D6C
 
 
+# The next claimable job (pending, or running under a lease that ran out), from the uploading key whose last claim
+# is oldest or who has none, oldest first within a key; `claimed` numbers the claims in order (one sequence).
+_CLAIM_NEXT = f"""
+    UPDATE artifacts SET status = 'running', updated_at = $1, lease_owner = $2, lease_expires = {_NOW} + $3,
+        claimed = nextval('artifact_claims')
+    WHERE seq = (
+        SELECT a.seq FROM artifacts a JOIN versions v ON v.seq = a.version_seq
+        WHERE a.status = 'pending' OR (a.status = 'running' AND (a.lease_expires IS NULL OR a.lease_expires < {_NOW}))
+        ORDER BY (SELECT MAX(b.claimed) FROM artifacts b JOIN versions w ON w.seq = b.version_seq
+                  WHERE w.uploaded_by IS NOT DISTINCT FROM v.uploaded_by) ASC NULLS FIRST, a.seq
+        LIMIT 1 FOR UPDATE OF a SKIP LOCKED)
+    RETURNING seq
+"""
+
+
 def _recorder(conn: Any) -> Recorder:
     async def record(digest: str, key: str, size: int) -> str:
         """Map digest -> key in this transaction; the key already mapped wins (publish once)."""
@@ -179,13 +194,9 @@ class PostgresStore(PostgresTrainingQueries, PostgresSdkTables):
         return found
 
     async def claim_job(self, when: str, owner: str, lease: float) -> Row | None:
-        """Take the oldest pending job, or one whose lease ran out; SKIP LOCKED gives each job to one claimer."""
+        """Lease the next job, round-robin by uploading key; SKIP LOCKED gives each job to one claimer."""
         async with self.transaction() as conn:
-            seq = await conn.fetchval(
-                f"UPDATE artifacts SET status = 'running', updated_at = $1, lease_owner = $2, "
-                f"lease_expires = {_NOW} + $3 WHERE seq = (SELECT seq FROM artifacts WHERE status = 'pending' "
-                f"OR (status = 'running' AND (lease_expires IS NULL OR lease_expires < {_NOW})) "
-                f"ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING seq", when, owner, lease)
+            seq = await conn.fetchval(_CLAIM_NEXT, when, owner, lease)
             if seq is None:
                 return None
             row = await conn.fetchrow(

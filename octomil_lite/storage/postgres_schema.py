@@ -182,4 +182,11 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (model_seq, name)
     );
     """,
+    # 4: fair conversion scheduling (issue 12), SQLite's migration 5: who uploaded a version, the claim order
+    """
+    ALTER TABLE versions ADD COLUMN uploaded_by TEXT;
+    ALTER TABLE artifacts ADD COLUMN claimed BIGINT;
+    CREATE SEQUENCE artifact_claims;
+    CREATE INDEX versions_by_uploader ON versions(uploaded_by);
+    """,
 ]

@@ -30,6 +30,19 @@ from .sqlite_sdk import _LATEST_JOIN, _MODEL_COLUMNS, SdkTables, _assignments, _
 from .training import TrainingQueries
 from .transfer import TransferQueries
 
+# The next claimable job (pending, or running under a lease that ran out), from the uploading key whose last claim
+# is oldest or who has none, oldest first within a key; `claimed` numbers the claims in order.
+_CLAIM_NEXT = """
+    UPDATE artifacts SET status = 'running', updated_at = ?, lease_owner = ?, lease_expires = ?,
+        claimed = (SELECT COALESCE(MAX(claimed), 0) + 1 FROM artifacts)
+    WHERE seq = (
+        SELECT a.seq FROM artifacts a JOIN versions v ON v.seq = a.version_seq
+        WHERE a.status = 'pending' OR (a.status = 'running' AND (a.lease_expires IS NULL OR a.lease_expires < ?))
+        ORDER BY (SELECT MAX(b.claimed) FROM artifacts b JOIN versions w ON w.seq = b.version_seq
+                  WHERE w.uploaded_by IS v.uploaded_by) NULLS FIRST, a.seq
+        LIMIT 1)
+    RETURNING seq
+"""
 
 @contextmanager
 def _translated() -> Iterator[None]:
@@ -238,14 +251,10 @@ class SQLiteStore(TrainingQueries, SdkTables, TransferQueries):
             return await cur.fetchone()  # type: ignore[return-value]
 
     async def claim_job(self, when: str, owner: str, lease: float) -> Row | None:
-        """Take the oldest pending job, or a running one whose lease ran out, for `lease` seconds."""
+        """Lease the next job, round-robin by uploading key (see MetadataStore.claim_job), for `lease` seconds."""
         async with self.transaction() as conn:
             now = time.time()
-            cur = await conn.execute(
-                "UPDATE artifacts SET status = 'running', updated_at = ?, lease_owner = ?, lease_expires = ? "
-                "WHERE seq = (SELECT seq FROM artifacts WHERE status = 'pending' OR (status = 'running' AND "
-                "(lease_expires IS NULL OR lease_expires < ?)) ORDER BY seq LIMIT 1) RETURNING seq",
-                (when, owner, now + lease, now))
+            cur = await conn.execute(_CLAIM_NEXT, (when, owner, now + lease, now))
             claimed = await cur.fetchone()
             if claimed is None:
                 return None

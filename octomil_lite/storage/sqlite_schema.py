@@ -125,4 +125,10 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (model_seq, name)
     );
     """,
+    # 5: fair conversion scheduling (issue 12): who uploaded a version, and the order in which jobs were claimed
+    """
+    ALTER TABLE versions ADD COLUMN uploaded_by TEXT;
+    ALTER TABLE artifacts ADD COLUMN claimed INTEGER;
+    CREATE INDEX versions_by_uploader ON versions(uploaded_by);
+    """,
 ]

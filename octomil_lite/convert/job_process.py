@@ -1,0 +1,238 @@
+"""The processes of one job, below the namespaces: limits, a root server's uid drop, killing the whole tree,
+bounded stdio and the capped output pipe. `sandbox.Sandbox` builds the namespaces around them."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import random
+import resource
+import shlex
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+HOST_JOB_UID = 2_147_480_000  # no account's uid: what a root server's jobs are on the host, never uid 0
+HOST_JOB_UIDS = 1000  # each job takes the next of this many uids from HOST_JOB_UID on
+_next_uid = itertools.count(random.randrange(HOST_JOB_UIDS))  # next() on a count is atomic under the GIL
+
+
+def next_host_uid() -> int:
+    """A root server's next job uid. One per job, not one for all: the kernel counts RLIMIT_NPROC per host uid
+    (also across user namespaces), so a shared uid would let one job's processes, or a killed job's exiting
+    ones, use up the next job's process limit, and jobs could signal each other's leftovers."""
+    return HOST_JOB_UID + next(_next_uid) % HOST_JOB_UIDS
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Limits for one job, for all its processes together where the kernel allows it."""
+
+    timeout: float = 600.0
+    memory_bytes: int = 8 * 1024**3  # the job-wide cgroup limit (scratch tmpfs pages count too)
+    cpu_seconds: int = 1200  # per process
+    file_size_bytes: int = 16 * 1024**3  # largest file it may write, the output included
+    scratch_bytes: int = 4 * 1024**3
+    max_processes: int = 256  # threads count too (TensorFlow starts dozens)
+    cpu_cores: float = 1.0  # CPU bandwidth of the whole job, so the server keeps the rest
+
+
+CHECK_LIMITS = Limits(timeout=300.0, cpu_seconds=300)  # onnx.checker on an upload or a converter's output
+
+
+class SandboxError(Exception):
+    """The job did not return a result (timeout, crash, limit hit)."""
+
+
+class IsolationUnavailable(SandboxError):
+    """Jobs cannot be isolated on this machine; the message names the missing piece and the fix."""
+
+
+class Staging:
+    """A root server runs bwrap as a job uid of its own (`next_host_uid`), who cannot reach sources like a 0700
+    /root: each is bound first (as root, in a private mount namespace of the job's own) onto a mount point that
+    uid can reach."""
+
+    def __init__(self) -> None:
+        self.uid = next_host_uid()
+        self.dir = Path(tempfile.mkdtemp(prefix="octomil-job-"))
+        os.chmod(self.dir, 0o711)
+        self.binds: list[tuple[str, Path]] = []
+
+    def source(self, path: str) -> str:
+        mount_point = self.dir / str(len(self.binds))
+        if os.path.isdir(path):
+            mount_point.mkdir()
+        else:
+            mount_point.touch()
+        self.binds.append((path, mount_point))
+        return str(mount_point)
+
+    def wrap(self, command: list[str], limits: Limits) -> list[str]:
+        """unshare, sh and prlimit exec in place, so the server's child is bwrap itself (its PID, death signal)."""
+        script = [f"mount --bind {shlex.quote(src)} {shlex.quote(str(dst))}" for src, dst in self.binds]
+        rlimits = " ".join(f"--{name}={value}:{value}" for name, value in (
+            ("as", limits.memory_bytes), ("cpu", limits.cpu_seconds), ("fsize", limits.file_size_bytes),
+            ("core", 0), ("nofile", 1024), ("nproc", limits.max_processes)))
+        script.append(f"exec prlimit {rlimits} -- setpriv --reuid {self.uid} --regid {self.uid} "
+                      '--clear-groups -- "$@"')
+        return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-ec", "\n".join(script), "sh",
+                *command]
+
+    def remove(self) -> None:
+        # rmdir/unlink, never rmtree: on the host these are empty mount points (the binds live in the job's namespace).
+        for _, mount_point in self.binds:
+            with contextlib.suppress(OSError):
+                mount_point.rmdir() if mount_point.is_dir() else mount_point.unlink()
+        with contextlib.suppress(OSError):
+            self.dir.rmdir()
+
+
+def set_rlimits(pid: int, limits: Limits, own_user_namespace: bool = True) -> None:
+    """Per-process limits, inherited by everything the job starts (the cgroup bounds the sum).
+
+    RLIMIT_NPROC counts the job's processes in its own user namespace (a root server's job has its own host uid, not
+    exempt uid 0); the pids cgroup bounds them too. Unisolated, it would count the server's."""
+    for res, value in ((resource.RLIMIT_AS, limits.memory_bytes), (resource.RLIMIT_CPU, limits.cpu_seconds),
+                       (resource.RLIMIT_FSIZE, limits.file_size_bytes), (resource.RLIMIT_CORE, 0),
+                       (resource.RLIMIT_NOFILE, 1024),
+                       *([(resource.RLIMIT_NPROC, limits.max_processes)] if own_user_namespace else [])):
+        with contextlib.suppress(ProcessLookupError):
+            resource.prlimit(pid, res, (value, value))
+
+
+def kill_tree(proc: subprocess.Popen[bytes], init_pid: int | None) -> None:
+    """Killing the PID namespace's init kills every process in the namespace; bwrap then exits."""
+    for pid in (init_pid, proc.pid):
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class OutputCopier:
+    """Copies the job's output pipe into the host file, at most CAP bytes; more kills the job."""
+
+    def __init__(self, pipe_r: int, out_file: int, cap: int):
+        self.pipe_r, self.out_file, self.cap = pipe_r, out_file, cap
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, kill: Any) -> None:
+        self._thread = threading.Thread(target=self._copy, args=(kill,), name="job-output", daemon=True)
+        self._thread.start()
+
+    def _copy(self, kill: Any) -> None:
+        written = 0
+        try:
+            while chunk := os.read(self.pipe_r, 1 << 20):
+                written += len(chunk)
+                if written > self.cap:
+                    self.error = f"wrote an output larger than {self.cap} bytes and was stopped"
+                    kill()
+                    os.ftruncate(self.out_file, 0)
+                    return
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(self.out_file, view):]
+        except OSError as exc:  # a full disk, say: the job fails, the partial file is emptied
+            self.error = f"output could not be written ({exc.strerror})"
+            kill()
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.out_file, 0)
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def finish(self) -> None:
+        self.join()
+        if self.error:
+            raise SandboxError(self.error)
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+MAX_JOB_STDIO = 4 * 1024**2  # a result line and a traceback; more is an attack on the server's memory
+
+
+def communicate(proc: subprocess.Popen[bytes], stdin: bytes, limits: Limits, cancel: threading.Event | None,
+                 kill: Any) -> subprocess.CompletedProcess[bytes]:
+    """Feed stdin and collect stdout/stderr, at most MAX_JOB_STDIO bytes together, within the timeout."""
+    import selectors
+
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    deadline = time.monotonic() + limits.timeout
+    outputs = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
+    pending = memoryview(stdin)
+    stdin_fd = proc.stdin.fileno()
+    with selectors.DefaultSelector() as sel:
+        for fd in outputs:
+            sel.register(fd, selectors.EVENT_READ)
+        if pending:
+            os.set_blocking(stdin_fd, False)
+            sel.register(stdin_fd, selectors.EVENT_WRITE)
+        else:
+            proc.stdin.close()
+        while True:
+            step = min(0.5, max(deadline - time.monotonic(), 0.001))
+            events = sel.select(step) if sel.get_map() else []
+            if not events and not sel.get_map():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(step)  # both pipes closed: only the exit is left to wait for
+            for key, _ in events:
+                if key.fd == stdin_fd:
+                    try:
+                        pending = pending[os.write(stdin_fd, pending[:1 << 16]):]
+                    except BrokenPipeError:
+                        pending = pending[:0]
+                    if not pending:
+                        sel.unregister(stdin_fd)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(key.fd, 1 << 16)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                outputs[key.fd] += chunk
+                if sum(map(len, outputs.values())) > MAX_JOB_STDIO:
+                    kill()
+                    proc.wait()
+                    raise SandboxError(f"wrote more than {MAX_JOB_STDIO} bytes to its standard output and error "
+                                       "and was stopped")
+            if not sel.get_map() and proc.poll() is not None:
+                return subprocess.CompletedProcess(proc.args, proc.returncode, bytes(outputs[proc.stdout.fileno()]),
+                                                   bytes(outputs[proc.stderr.fileno()]))
+            if cancel is not None and cancel.is_set():
+                kill()
+                proc.wait()
+                raise SandboxError("was cancelled")
+            if time.monotonic() >= deadline:
+                kill()
+                proc.wait()
+                raise SandboxError(f"took longer than {limits.timeout:.0f} s and was stopped")
+
+
+def worker_result(done: subprocess.CompletedProcess[bytes]) -> dict[str, Any]:
+    if done.returncode != 0:
+        tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        if done.returncode < 0 or done.returncode >= 128:
+            signum = -done.returncode if done.returncode < 0 else done.returncode - 128
+            raise SandboxError(f"was killed by signal {signum} (likely a resource limit) {tail[0][:300]}".strip())
+        raise SandboxError(f"failed: {tail[0][:300]}".strip())
+    try:
+        result = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise SandboxError("returned no result") from None
+    if not isinstance(result, dict):
+        raise SandboxError("returned no result")
+    return result

@@ -148,7 +148,8 @@ class Client:
 
 
 class Octomil:
-    def __init__(self, data_dir: Path, logfile: Path):
+    def __init__(self, data_dir: Path, logfile: Path, *extra: str):
+        self.extra = list(extra)
         self.data_dir = data_dir
         self.logfile = logfile
         self.port = free_port()
@@ -167,7 +168,7 @@ class Octomil:
             t0 = time.monotonic()
             self.proc = subprocess.Popen(
                 [OCTOMIL, "serve", "--host", HOST, "--port", str(self.port), "--data-dir", str(self.data_dir),
-                 "--rate-limit", "0", "--log-level", "warning"],
+                 "--rate-limit", "0", "--log-level", "warning", *self.extra],
                 stdout=out, stderr=out, start_new_session=True)
         self.startup = wait_http(self.port, "/health", t0 + 60, self.proc) - t0
         return self
@@ -272,6 +273,65 @@ def make_file(path: Path, size: int) -> None:
         os.fsync(f.fileno())
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def make_onnx_file(path: Path, size: int) -> None:
+    """A valid ONNX model of exactly SIZE bytes: Y = X @ W with one random float32 initializer W, written streaming."""
+    if path.exists() and path.stat().st_size == size:
+        return
+    import onnx
+    from onnx import TensorProto, helper
+
+    def layout(rows: int) -> tuple[bytes, bytes, bytes, int]:
+        graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "bench",
+                                  [helper.make_tensor_value_info("X", TensorProto.FLOAT, ["batch", rows])],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["batch", 256])])
+        model = helper.make_model(helper.make_graph([], "x", [], []), opset_imports=[helper.make_opsetid("", 17)])
+        model.ClearField("graph")
+        payload = rows * 256 * 4
+        tensor = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[rows, 256]).SerializeToString()
+        tensor_head = tensor + b"\x4a" + _varint(payload)  # raw_data (field 9), then the payload
+        init = b"\x2a" + _varint(len(tensor_head) + payload) + tensor_head  # GraphProto.initializer (field 5)
+        body = graph.SerializeToString()
+        head = model.SerializeToString() + b"\x3a" + _varint(len(body) + len(init) + payload) + body + init
+        return head, b"", b"", payload
+
+    rows = max(1, size // 1024 - 1)
+    while True:  # the header is ~100 bytes: shrink the weights until the file is exactly SIZE (padding by name)
+        head, _, _, payload = layout(rows)
+        if len(head) + payload <= size:
+            break
+        rows -= 1
+    assert len(head) + payload <= size
+    # the few bytes short go into a producer_version string (field 3, before everything else)
+    short = size - len(head) - payload
+    while True:
+        pad = b"\x1a" + _varint(max(0, short - 2)) + b"p" * max(0, short - 2) if short >= 2 else b""
+        if len(pad) + len(head) + payload == size or short < 2:
+            break
+        short -= 1
+    with open(path, "wb") as f:
+        f.write(pad + head)
+        left = payload
+        block = os.urandom(16 * MiB)
+        i = 0
+        while left > 0:
+            n = min(left, len(block))
+            f.write(block[:n] if i == 0 else hashlib.sha256(str(i).encode()).digest()[:16] + block[16:n])
+            left -= n
+            i += 1
+        f.flush()
+        os.fsync(f.fileno())
+    onnx.checker.check_model(str(path))
+
+
 def ingest_baseline(src: Path, dst_dir: Path, chunk: int = MiB) -> tuple[float, str]:
     """The reference pass: read + sha256 + write + fsync of the file, in-process, one thread."""
     dst = dst_dir / f"baseline-{uuid.uuid4().hex}"
@@ -312,14 +372,18 @@ def wait_conversion(c: Client, model_id: str, limit: float = 300) -> str:
 
 
 def transfers(server: Octomil, files: dict[int, Path], runs: int, workdir: Path,
-              www: Path) -> dict[int, dict[str, Any]]:
+              www: Path, onnx_files: dict[int, Path]) -> dict[int, dict[str, Any]]:
     results: dict[int, dict[str, Any]] = {}
     auth = f"Authorization: Bearer {server.key}"
     base = f"http://{HOST}:{server.port}/api/v1"
+    # the warm pool's first need for each family, outside the measurements
+    upload_onnx(server, min(onnx_files.values(), key=lambda p: p.stat().st_size))
     with nginx(www, workdir) as nginx_port:
         for size, path in files.items():
-            r: dict[str, Any] = {"ingest": [], "upload": [], "download": [], "nginx": [], "hwm": [], "load": []}
+            r: dict[str, Any] = {"ingest": [], "upload": [], "download": [], "nginx": [], "hwm": [], "load": [],
+                                 "upload_onnx": [], "load_onnx": []}
             for run in range(runs):
+                wait_settled(server)
                 r["load"].append(load())
                 # the reference ingest pass, into the same file system as the registry's data directory;
                 # each write measurement starts with no dirty pages of an earlier one still being written back
@@ -340,6 +404,12 @@ def transfers(server: Octomil, files: dict[int, Path], runs: int, workdir: Path,
                 assert json.loads(body)["model_hash"] == f"sha256:{digest}", body
                 r["upload"].append(t_up)
                 hwm_upload = proc_status(server.pid, "VmHWM")
+                c = server.client()  # the pickle's conversion and the pool's refill are done before the ONNX upload
+                wait_conversion(c, model_id)
+                c.close()
+                wait_settled(server)
+                r["upload_onnx"].append(upload_onnx(server, onnx_files[size]))
+                r["load_onnx"].append(load())
                 # the automatic ONNX conversion of this random "pickle" runs (and fails) in a child process:
                 # let it finish so it does not compete with the download measurement
                 c = server.client()  # a fresh connection: the server closes idle ones after 5 s
@@ -360,6 +430,163 @@ def transfers(server: Octomil, files: dict[int, Path], runs: int, workdir: Path,
                     f"download {t_dl:.2f}s nginx {t_ng:.2f}s VmHWM {r['hwm'][-1] / MiB:.0f} MiB (load {load()})")
             results[size] = r
     return results
+
+
+def upload_onnx(server: Octomil, path: Path) -> float:
+    """One ONNX upload (format=onnx, as the Octomil SDK sends it): checked before the 201, then stored."""
+    c = server.client()
+    code, body, _ = c.call("POST", "/api/v1/models", {"description": "bench onnx"})
+    assert code == 201, body
+    model_id = json.loads(body)["id"]
+    c.close()
+    os.sync()
+    code, t_up, body = curl(["-H", f"Authorization: Bearer {server.key}", "-F", f"file=@{path};filename=model.onnx",
+                             "-F", "format=onnx", f"http://{HOST}:{server.port}/api/v1/models/{model_id}/versions/upload"])
+    assert code == 201, body
+    assert json.loads(body)["formats"]["onnx"] == "ready", body
+    return t_up
+
+
+def ready_inputs(work: Path) -> dict[str, tuple[str, bytes, str]]:
+    """framework -> (model framework, file bytes, file name): the small models of issue 13."""
+    import pickle
+
+    import numpy as np
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = load_iris(return_X_y=True)
+    out = {"sklearn LogisticRegression (iris)": ("sklearn", pickle.dumps(LogisticRegression(max_iter=500).fit(x, y)),
+                                                 "model.pkl")}
+    try:
+        import xgboost as xgb
+
+        booster = xgb.train({"objective": "multi:softprob", "num_class": 3, "max_depth": 3}, xgb.DMatrix(x, y), 6)
+        path = work / "booster.json"
+        booster.save_model(str(path))
+        out["XGBoost booster (6 trees, json)"] = ("xgboost", path.read_bytes(), "model.json")
+    except ImportError:
+        log("xgboost missing: no XGBoost time-to-ready")
+    try:
+        import torch
+
+        net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)).eval()
+        path = work / "model.pt2"
+        torch.export.save(torch.export.export(net, (torch.from_numpy(np.asarray(x[:2], np.float32)),)), str(path))
+        out["PyTorch .pt2 (small MLP)"] = ("pytorch", path.read_bytes(), "model.pt2")
+    except ImportError:
+        log("torch missing: no .pt2 time-to-ready")
+    return out
+
+
+def multipart(content: bytes, filename: str) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{filename}\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def warm_families(server: Octomil) -> dict[str, Any]:
+    c = Client(server.port)
+    code, body, _ = c.call("GET", "/health")
+    c.close()
+    health = json.loads(body)
+    assert "warm_pool" in health, (code, health)
+    return health["warm_pool"]
+
+
+def wait_settled(server: Octomil, limit: float = 180) -> None:
+    """Bounded wait until no warm worker is still importing (its refill would compete with a measurement)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        families = warm_families(server).get("families", {})
+        if all(f["ready"] == f["idle"] for f in families.values()):
+            return
+        time.sleep(0.1)
+
+
+def wait_warm(server: Octomil, families: tuple[str, ...], limit: float = 180) -> None:
+    """Bounded wait until the server's warm pool has a ready worker of each family (a warm measurement's premise)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        pool = warm_families(server)
+        if all(pool.get("families", {}).get(f, {}).get("ready", 0) >= 1 for f in families):
+            return
+        time.sleep(0.1)
+    log(f"warm pool not ready after {limit} s: {warm_families(server)}")
+
+
+def time_to_ready(server: Octomil, framework: str, content: bytes, filename: str, limit: float = 300) -> float:
+    """Seconds from sending the upload to its ONNX format showing `ready` (polled every 10 ms); parity is asserted."""
+    c = server.client()
+    code, body, _ = c.call("POST", "/api/v1/models", {"framework": framework, "description": "bench ready"})
+    assert code == 201, body
+    model_id = json.loads(body)["id"]
+    payload, ctype = multipart(content, filename)
+    t0 = time.perf_counter()
+    conn = http.client.HTTPConnection(HOST, server.port, timeout=60)
+    conn.request("POST", f"/api/v1/models/{model_id}/versions/upload", body=payload,
+                 headers={"Authorization": f"Bearer {server.key}", "Content-Type": ctype})
+    resp = conn.getresponse()
+    assert resp.status == 201, resp.read()
+    resp.read()
+    conn.close()
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        code, body, _ = c.call("GET", f"/api/v1/models/{model_id}/versions/1")
+        onnx = json.loads(body)["formats"].get("onnx", {})
+        if onnx.get("status") not in ("pending", "running"):
+            elapsed = time.perf_counter() - t0
+            c.close()
+            assert onnx.get("status") == "ready" and onnx.get("parity", {}).get("within"), onnx
+            return elapsed
+        time.sleep(0.01)
+    c.close()
+    raise AssertionError(f"{filename}: not ready after {limit} s")
+
+
+FAMILY_OF = {"sklearn": "estimators", "xgboost": "estimators", "pytorch": "torch"}
+
+
+def readiness(work: Path, runs: int, cold_runs: int) -> dict[str, Any]:
+    """Time-to-ready per framework: a warm-pool server and a --no-warm-pool one, alternating, in the same run."""
+    inputs = ready_inputs(work)
+    out: dict[str, Any] = {"frameworks": {}}
+    servers = []
+    try:
+        for name, extra in (("warm", ()), ("cold", ("--no-warm-pool",))):
+            d = work / f"ready-{name}"
+            shutil.rmtree(d, ignore_errors=True)
+            srv = Octomil(d, work / "serve.log", *extra)
+            srv.make_key()
+            servers.append(srv.start())
+        warm, cold = servers
+        time.sleep(1.0)
+        out["idle_rss_no_workers"] = {"warm": proc_status(warm.pid, "VmRSS"), "cold": proc_status(cold.pid, "VmRSS")}
+        for label, (framework, content, filename) in inputs.items():
+            families = (FAMILY_OF[framework], "onnx-check")
+            time_to_ready(warm, framework, content, filename)  # first need: the family's warm workers start
+            r: dict[str, list[Any]] = {"warm": [], "cold": [], "load": []}
+            for run in range(max(runs, cold_runs)):
+                if run < cold_runs:
+                    r["cold"].append(time_to_ready(cold, framework, content, filename))
+                if run < runs:
+                    wait_warm(warm, families)
+                    r["warm"].append(time_to_ready(warm, framework, content, filename))
+                r["load"].append(load())
+                log(f"{label} run {run + 1}: warm {r['warm'][-1] if r['warm'] else '-'} "
+                    f"cold {r['cold'][-1] if run < cold_runs else '-'} (load {r['load'][-1]})")
+            out["frameworks"][label] = r
+        wait_warm(warm, ("estimators", "torch", "onnx-check"))
+        pool = warm_families(warm)
+        out["warm_pool"] = pool
+        out["server_rss_with_pool"] = proc_status(warm.pid, "VmRSS")
+        out["load"] = load()
+        log(f"warm pool: {pool}")
+    finally:
+        for srv in servers:
+            srv.stop()
+    return out
 
 
 def latencies(c: Client, ops: dict[str, Callable[[int], tuple[str, str, Any]]], n: int, warmup: int,
@@ -508,7 +735,10 @@ def main() -> int:
     ap.add_argument("--startups", type=int, default=5)
     ap.add_argument("--mlflow-venv", type=Path, default=None)
     ap.add_argument("--mlflow-ops", type=int, default=100, help="sequential calls per operation against MLflow")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: transfer,meta,mlflow,big,startup")
+    ap.add_argument("--ready-runs", type=int, default=7, help="warm time-to-ready measurements per framework")
+    ap.add_argument("--cold-runs", type=int, default=3, help="cold (--no-warm-pool) ones, alternating with them")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated sections to skip: transfer,meta,mlflow,big,startup,ready")
     ap.add_argument("--json", type=Path, default=None, help="also write all raw figures here")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -552,13 +782,15 @@ def main() -> int:
         s.make_key()
         servers.append(s.start())
         if "transfer" not in skip:
-            files = {}
+            files, onnx_files = {}, {}
             for mib in (int(x) for x in args.sizes.split(",")):
                 files[mib * MiB] = www / f"model-{mib}M.pkl"
-                log(f"making {files[mib * MiB]}")
+                onnx_files[mib * MiB] = work / f"model-{mib}M.onnx"
+                log(f"making {files[mib * MiB]} and {onnx_files[mib * MiB]}")
                 make_file(files[mib * MiB], mib * MiB)
+                make_onnx_file(onnx_files[mib * MiB], mib * MiB)
             os.chmod(www, 0o755)
-            res["transfer"] = {str(k): v for k, v in transfers(s, files, args.runs, work, www).items()}
+            res["transfer"] = {str(k): v for k, v in transfers(s, files, args.runs, work, www, onnx_files).items()}
         if "meta" not in skip:
             series = []
             for run in range(args.runs):
@@ -568,6 +800,9 @@ def main() -> int:
             res["meta"] = series
             log("octomil metadata: " + ", ".join(f"{k} p50 {ms(median(v))}" for k, v in series[-1].items()))
         s.stop()
+
+        if "ready" not in skip:
+            res["ready"] = readiness(work, args.ready_runs, args.cold_runs)
 
         if args.mlflow_venv and "mlflow" not in skip:
             with mlflow_server(args.mlflow_venv, work) as port:
@@ -644,6 +879,12 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
         rows.append((f"download {mib} MiB (curl)", f"{dl:.2f} s ({int(size) / dl / MiB:.0f} MiB/s)",
                      f"nginx sendfile {ng:.2f} s ({int(size) / ng / MiB:.0f} MiB/s)", f"{ng / dl:.2f}×",
                      f"≥ 0.33 {ok(ng / dl >= 0.33)}"))
+        if r.get("upload_onnx"):
+            uo = median(r["upload_onnx"])
+            rows.append((f"ONNX upload {mib} MiB (curl -F, format=onnx, checked before 201)",
+                         f"{uo:.2f} s ({int(size) / uo / MiB:.0f} MiB/s)",
+                         f"same-size pickle upload {up:.2f} s; ingest {ing:.2f} s",
+                         f"{uo / up:.2f}× pickle; {ing / uo:.2f}× ingest", f"≤ 1.25× {ok(uo / up <= 1.25)}"))
         hwm = max(r["hwm"])
         rows.append((f"server peak RSS, {mib} MiB up+down", f"{hwm / MiB:.0f} MiB (max of runs)", "", "",
                      f"< 200 MiB {ok(hwm < 200 * MiB)}"))
@@ -681,6 +922,22 @@ def report(res: dict[str, Any], args: argparse.Namespace) -> str:
                      f"{rps:.0f} req/s, p50 {ms(median([r['p50'] for r in c]))}, p99 {ms(p99)}, {errors} errors; "
                      f"server CPU {median([r['cpu_per_request'] for r in c]) * 1e6:.0f} µs/request",
                      "", "", f"0 errors, p99 < 50 ms {ok(errors == 0 and p99 < 0.05)}"))
+    if "ready" in res:
+        targets = {"sklearn": 0.3, "XGBoost": 0.3, "PyTorch": 1.0}
+        for label, r in res["ready"]["frameworks"].items():
+            w, c = median(r["warm"]), median(r["cold"])
+            target = next(v for k, v in targets.items() if label.startswith(k))
+            rows.append((f"upload → ONNX ready, {label}", f"warm pool {w:.2f} s (n={len(r['warm'])})",
+                         f"--no-warm-pool {c:.2f} s (n={len(r['cold'])})", f"{c / w:.1f}× faster",
+                         f"< {target} s {ok(w < target)} (load {r['load'][len(r['load']) // 2]})"))
+        pool = res["ready"]["warm_pool"]
+        idle = res["ready"]["idle_rss_no_workers"]
+        rows.append(("server RSS, idle, no warm workers", f"{idle['warm'] / MiB:.0f} MiB",
+                     f"--no-warm-pool {idle['cold'] / MiB:.0f} MiB", "", f"< 60 MiB {ok(idle['warm'] < 60 * MiB)}"))
+        per = ", ".join(f"{k} {v / MiB:.0f} MiB" for k, v in pool.get("memory_bytes", {}).items())
+        rows.append(("warm pool memory (1 idle worker per family, cgroup charge)",
+                     f"{pool.get('total_memory_bytes', 0) / MiB:.0f} MiB ({per})", "", "",
+                     "bounded by --warm-pool-size × families"))
     if "startup" in res:
         up = median(res["startup"]["seconds"])
         idle = median(res["startup"]["idle_rss"])

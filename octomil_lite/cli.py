@@ -123,13 +123,19 @@ def main() -> None:
               help="Seconds a conversion stays claimed without a renewal; then any server takes it over.")
 @click.option("--conversion-timeout", default=900.0, show_default=True, type=click.FloatRange(1),
               help="Seconds one conversion job may take before it is killed with every process it started.")
+@click.option("--warm-pool/--no-warm-pool", default=True, show_default=True,
+              help="Keep isolated conversion workers started ahead of time (frameworks imported, no upload seen).")
+@click.option("--warm-pool-size", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="Idle warm workers kept per framework family (each holds its frameworks' memory).")
+@click.option("--warm-idle-timeout", default=300.0, show_default=True, type=click.FloatRange(1),
+              help="Seconds a framework family goes unused before its warm workers are ended.")
 @click.option("--unsafe-conversions", is_flag=True,
               help="Run conversion jobs WITHOUT isolation where it cannot be set up (an uploaded model file can "
                    "then take over the server).")
 def serve(host: str, port: int, data_dir: Path | None, database: str | None, blobs: str | None,
           max_upload_size: str, rate_limit: int, max_link_age: str, log_level: str, access_log: bool,
-          presigned_downloads: bool, conversion_lease: float, conversion_timeout: float,
-          unsafe_conversions: bool) -> None:
+          presigned_downloads: bool, conversion_lease: float, conversion_timeout: float, warm_pool: bool,
+          warm_pool_size: int, warm_idle_timeout: float, unsafe_conversions: bool) -> None:
     """Run the registry server (it keeps the terminal; stop it with Ctrl-C). Several may share one PostgreSQL
     database and bucket."""
     from .server.app import create_app
@@ -138,7 +144,8 @@ def serve(host: str, port: int, data_dir: Path | None, database: str | None, blo
     config = _config(data_dir, database, blobs, host=host, port=port, max_upload_size=_size(max_upload_size),
                      rate_limit=rate_limit, max_link_age=_duration(max_link_age), conversion_lease=conversion_lease,
                      presigned_downloads=presigned_downloads, conversion_timeout=conversion_timeout,
-                     unsafe_conversions=unsafe_conversions)
+                     unsafe_conversions=unsafe_conversions, warm_pool_size=warm_pool_size if warm_pool else 0,
+                     warm_idle_timeout=warm_idle_timeout)
     try:  # the port first: a start that cannot listen must not create (and lose) the first key
         sock = listen(host, port)
     except OSError as exc:

@@ -49,6 +49,8 @@ class Config:
     max_link_age: int = 7 * 24 * 3600  # seconds (<= LINK_AGE_CEILING); longer links are refused
     presigned_downloads: bool = False  # download-url hands out the object store's pre-signed URL
     conversion_lease: float = 60.0  # seconds a job stays claimed without a renewal from its process
+    warm_pool_size: int = 0  # idle warm workers kept per framework family; 0: off (`serve` keeps 1 by default)
+    warm_idle_timeout: float = 300.0  # seconds a family goes unused before its warm workers are ended
     unsafe_conversions: bool = False  # run conversion jobs without isolation (the operator accepts the risk)
 
     def __post_init__(self) -> None:

@@ -6,12 +6,10 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -21,13 +19,15 @@ from .config import Config
 from .convert import routes
 from .convert.pool import TARGETS, ConversionPool
 from .convert.quantize import QUANTIZED
-from .convert.sandbox import CHECK_LIMITS, IsolationUnavailable, JobFiles, Limits, Sandbox, SandboxError
+from .convert.sandbox import Limits, Sandbox
+from .convert.warm import WarmPool
 from .direct_uploads import DirectUploads
-from .errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable
+from .errors import BadRequest, Conflict, Forbidden, NotFound
 from .federated import Federated
 from .federations import Federations
 from .keys import ApiKeys
 from .lifecycle import Lifecycle, UploadedFile, metrics_of, version_summary
+from .onnx_uploads import OnnxUploadChecks
 from .optimize import Optimizer
 from .schemas import (
     DOWNLOAD_FORMATS,
@@ -97,6 +97,10 @@ class Registry(ApiKeys):
         self.db = db
         self.blobs = blobs
         self.sandbox = Sandbox(hidden=[config.data_dir], allow_unsafe=config.unsafe_conversions)
+        self.warm = WarmPool(self.sandbox, config.warm_pool_size, config.warm_idle_timeout) \
+            if config.warm_pool_size > 0 else None
+        self.sandbox.warm = self.warm
+        self.onnx_checks = OnnxUploadChecks(self.sandbox, blobs)
         self.pool = ConversionPool(db, blobs, self.sandbox, Limits(timeout=config.conversion_timeout,
                                                                    memory_bytes=config.conversion_memory_bytes),
                                    config.conversion_workers, utc_now, config.conversion_lease)
@@ -124,8 +128,19 @@ class Registry(ApiKeys):
         await asyncio.to_thread(self.sandbox.probe)
         await self.pool.start()
 
+    def warm_pool_status(self) -> dict[str, Any]:
+        """For /health: the warm workers idle per family and the memory they hold (bounded by --warm-pool-size)."""
+        if self.warm is None:
+            return {"enabled": False}
+        memory = self.warm.memory_bytes()
+        return {"enabled": True, "size_per_family": self.warm.size, "idle_timeout": self.warm.idle_timeout,
+                "families": self.warm.idle_workers(), "memory_bytes": memory,
+                "total_memory_bytes": sum(memory.values())}
+
     async def close(self) -> None:
         await self.pool.stop()
+        if self.warm is not None:
+            await self.warm.close()
         await self.db.close()
 
     # models
@@ -238,7 +253,7 @@ class Registry(ApiKeys):
         artifacts = [{"format": t, "status": "pending", "updated_at": now}
                      for t in form.targets if t != "onnx" and t not in impossible]
         if sniffed.kind == "onnx":
-            staged, signature = await self._checked_onnx(staged, files.get("onnx_data"))
+            staged, signature = await self.onnx_checks.checked(staged, files.get("onnx_data"))
             artifacts.append({"format": "onnx", "status": "ready", "digest": staged.digest, "size": staged.size,
                               "signature": json.dumps(signature), "converter": "original upload", "updated_at": now})
         elif "onnx_data" in files:
@@ -271,36 +286,6 @@ class Registry(ApiKeys):
                                model_hash=f"sha256:{staged.digest}", description=form.description, uploaded_at=now,
                                formats={**dict.fromkeys(impossible, "impossible"),
                                         **{a["format"]: a["status"] for a in artifacts}})
-
-    async def _checked_onnx(self, staged: StagedBlob, data: UploadedFile | None) -> tuple[StagedBlob, Any]:
-        """Validate an ONNX upload in a job; with external weights, fold them into one self-contained file."""
-        async with staged.local_path() as path:
-            if data is None:
-                return staged, (await self._sandboxed("check-onnx", {}, {"model": path})).get("signature")
-            folded = self.blobs.tmp / f"{path.name}.folded.onnx"
-            name = os.path.basename(data.filename.replace("\\", "/"))
-            bound = name if name not in ("", ".", "..") and "\x00" not in name else "onnx_data"
-            try:
-                async with data.staged.local_path() as data_path:
-                    inputs = {"model": path, f"data/{bound}": data_path}
-                    result = await self._sandboxed("fold-onnx", {"data_name": name}, inputs, folded)
-            except BaseException:
-                folded.unlink(missing_ok=True)
-                raise
-        return await self.blobs.stage_file(folded), result.get("signature")
-
-    async def _sandboxed(self, task: str, payload: Row, inputs: dict[str, Path], out: Path | None = None) -> Row:
-        for path in inputs.values():
-            path.chmod(0o444)  # a root server's job runs as another uid; a committed blob is 0444 anyway
-        try:
-            result = await self.sandbox.run_task(task, payload, CHECK_LIMITS, JobFiles(inputs, out))
-        except IsolationUnavailable as exc:
-            raise ServiceUnavailable(f"ONNX uploads are checked in an isolated job, and {exc}.") from exc
-        except SandboxError as exc:
-            raise BadRequest(f"The ONNX model could not be checked: {exc}.") from exc
-        if not result.get("ok"):
-            raise BadRequest(f"The file is not a valid ONNX model: {result.get('reason')}.")
-        return result
 
     async def version_row(self, model_id: str, ref: str) -> tuple[Row, Row]:
         """(model, version) for a version number, label or 'latest'."""

@@ -36,6 +36,7 @@ class Health(Schema):
     version: str
     conversions: dict[str, list[str]]
     isolation: dict[str, Any]
+    warm_pool: dict[str, Any]
 
 
 class Model(Schema):

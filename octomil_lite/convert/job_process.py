@@ -51,6 +51,10 @@ class SandboxError(Exception):
     """The job did not return a result (timeout, crash, limit hit)."""
 
 
+class HandoffFailed(SandboxError):
+    """A warm job died before its task reached it (nothing of the task ran): run it in a fresh job."""
+
+
 class IsolationUnavailable(SandboxError):
     """Jobs cannot be isolated on this machine; the message names the missing piece and the fix."""
 
@@ -155,6 +159,60 @@ class OutputCopier:
         self.join()
         if self.error:
             raise SandboxError(self.error)
+
+
+class Running:
+    """A started job: bwrap (proc), its namespace's init, cgroup, staging, output copier and the descriptors the
+    parent holds for it. `close` ends every process of the job and releases the rest."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.init_pid: int | None = None
+        self.cgroup: Any = None  # cgroups.JobCgroup
+        self.staging: Staging | None = None
+        self.copier: OutputCopier | None = None
+        self.opened: list[int] = []
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            kill_tree(self.proc, self.init_pid)
+
+    def send_output_to(self, path: Path, cap: int) -> int:
+        """The write end of a pipe copied into a new file at PATH (at most CAP bytes), for the job to write; the
+        job never holds the file itself (it could fchmod it or reopen it read-write). Call once it runs."""
+        out_file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.opened.append(out_file)
+        pipe_r, pipe_w = os.pipe()
+        self.opened += [pipe_r, pipe_w]
+        self.copier = OutputCopier(pipe_r, out_file, cap)
+        self.copier.start(self.kill)
+        return pipe_w
+
+    def close_fd(self, fd: int) -> None:
+        """Close the parent's copy of a descriptor the job now holds (so EOF comes when the job closes it)."""
+        os.close(fd)
+        self.opened.remove(fd)
+
+    def finish_output(self) -> None:
+        if self.copier is not None:
+            self.copier.finish()
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            kill_tree(self.proc, self.init_pid)
+            self.proc.wait()
+        if self.copier is not None:
+            self.copier.join()  # before its descriptors close
+        for fd in self.opened:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.opened = []
+        if self.cgroup is not None:
+            self.cgroup.destroy()
+            self.cgroup = None
+        if self.staging is not None:
+            self.staging.remove()
+            self.staging = None
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:

@@ -29,27 +29,28 @@ import time
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from .cgroups import Cgroups, JobCgroup, find_cgroups
 from .job_process import (
     CHECK_LIMITS,
+    HandoffFailed,
     IsolationUnavailable,
     Limits,
-    OutputCopier,
+    Running,
     SandboxError,
     Staging,
     communicate,
     kill_group,
-    kill_tree,
     set_rlimits,
     worker_result,
 )
 from .seccomp import seccomp_program
 
 # The job contract callers use, with the process-level types it is built on (defined in job_process).
-__all__ = ["CHECK_LIMITS", "INPUT_DIR", "OUTPUT_FD_ENV", "Isolation", "IsolationUnavailable", "JobFiles", "Limits",
-           "Sandbox", "SandboxError", "job_input", "worker_command"]
+__all__ = ["CHECK_LIMITS", "INPUT_DIR", "INPUT_DIR_ENV", "OUTPUT_FD_ENV", "SOCKET_FD_ENV", "HandoffFailed",
+           "Isolation", "IsolationUnavailable", "JobFiles", "Limits", "Running", "Sandbox", "SandboxError",
+           "communicate", "job_input", "worker_command"]
 
 log = logging.getLogger("octomil_lite.sandbox")
 
@@ -58,6 +59,7 @@ SCRATCH = "/scratch"
 INPUT_DIR = "/job"
 INPUT_DIR_ENV = "OCTOMIL_JOB_INPUT_DIR"  # set only for unisolated jobs, whose inputs are links in a temporary dir
 OUTPUT_FD_ENV = "OCTOMIL_JOB_OUT_FD"
+SOCKET_FD_ENV = "OCTOMIL_JOB_SOCKET_FD"  # a warm job's end of the socket its one task and inputs arrive on
 BWRAP = "bwrap"
 _BWRAP_FIX = "install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap)"
 _USERNS_FIX = ("allow user namespaces (sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces>0; "
@@ -80,6 +82,15 @@ class Isolation:
                               f"({self.reason or 'chosen by the operator'})"}
         return {"isolated": self.available, "unsafe_conversions": False, "containment": self.containment,
                 **({"reason": self.reason} if self.reason else {})}
+
+
+class WarmSource(Protocol):
+    """Jobs started ahead of time (convert/warm.py): `take` one for TASK (None: run a fresh job), `run` it once."""
+
+    def take(self, task: str, payload: dict[str, Any], limits: Limits, files: JobFiles) -> Any: ...
+
+    def run(self, worker: Any, task: str, payload: dict[str, Any], files: JobFiles,
+            cancel: threading.Event) -> subprocess.CompletedProcess[bytes]: ...
 
 
 @dataclass
@@ -156,6 +167,7 @@ class Sandbox:
         self.allow_unsafe = allow_unsafe  # --unsafe-conversions: run unisolated where isolation is unavailable
         self._cgroups: Cgroups | None = None
         self.isolation = Isolation(available=False, reason="not probed yet")
+        self.warm: WarmSource | None = None  # jobs started ahead per framework family (convert/warm.py)
 
     def probe(self) -> Isolation:
         """Find out once whether jobs can be isolated here; the answer shows in /health and the log."""
@@ -233,76 +245,66 @@ class Sandbox:
         files = files or JobFiles()
         if not self.isolated:
             return self._run_unsafe(argv, limits, stdin, files, cancel)
-        opened: list[int] = []
-        cgroup: JobCgroup | None = None
-        proc: subprocess.Popen[bytes] | None = None
-        child: int | None = None
-        copier: OutputCopier | None = None
-        staging = Staging() if os.geteuid() == 0 else None
+        running = self.start(argv, limits, files)
+        try:
+            assert running.proc is not None
+            done = communicate(running.proc, stdin, limits, cancel, kill=running.kill)
+            running.finish_output()
+            return done
+        except OSError as exc:
+            raise SandboxError(f"could not be started ({exc})") from exc
+        finally:
+            running.close()
+
+    def start(self, argv: list[str], limits: Limits, files: JobFiles,
+              passed_fds: dict[str, int] | None = None) -> Running:
+        """Start ARGV isolated, inside its cgroup and limits, and return it running (the caller closes it).
+        PASSED_FDS (environment variable -> descriptor) stay open in the job; FILES.output leaves through a pipe."""
+        running = Running()
+        running.staging = staging = Staging() if os.geteuid() == 0 else None
         try:
             info_r, info_w = os.pipe()
             block_r, block_w = os.pipe()
-            opened += [info_r, info_w, block_r, block_w]
+            running.opened += [info_r, info_w, block_r, block_w]
             seccomp_fd = os.memfd_create("job-seccomp")
-            opened.append(seccomp_fd)
+            running.opened.append(seccomp_fd)
             os.write(seccomp_fd, seccomp_program())
             os.lseek(seccomp_fd, 0, os.SEEK_SET)
             fds = {"info": info_w, "block": block_r, "seccomp": seccomp_fd}
             for name, path in files.inputs.items():
                 fds[f"in:{name}"] = os.open(path, os.O_PATH | os.O_NOFOLLOW)
-                opened.append(fds[f"in:{name}"])
+                running.opened.append(fds[f"in:{name}"])
             # Inputs go by descriptor to bwrap, or by path (checked above: no symlink) to a root server's wrapper.
             passed = [fd for name, fd in fds.items() if not (staging and name.startswith("in:"))]
+            env = {name: str(fd) for name, fd in (passed_fds or {}).items()}
+            passed += list((passed_fds or {}).values())
+            out_fd = None
             if files.output is not None:
-                out_file = os.open(files.output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                opened.append(out_file)
-                pipe_r, out_fd = os.pipe()
-                opened += [pipe_r, out_fd]
-                # The job never holds the file (it could fchmod or reopen it): it writes a pipe the parent copies.
-                copier = OutputCopier(pipe_r, out_file, limits.file_size_bytes)
+                out_fd = running.send_output_to(files.output, limits.file_size_bytes)
                 passed.append(out_fd)
-                env_out = {OUTPUT_FD_ENV: str(out_fd)}
-            else:
-                env_out = {}
+                env[OUTPUT_FD_ENV] = str(out_fd)
             if self._cgroups:
-                cgroup = JobCgroup(self._cgroups, limits)
+                running.cgroup = JobCgroup(self._cgroups, limits)
             command = [*self._bwrap_args(files, limits, fds, staging), "--", *argv]
-            proc = subprocess.Popen(
+            running.proc = subprocess.Popen(
                 staging.wrap(command, limits) if staging else command, stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, pass_fds=passed, close_fds=True,
-                env={**job_env(), **env_out})
-            for fd in (info_w, block_r, *([out_fd] if copier else [])):
-                os.close(fd)
-                opened.remove(fd)
-            child = self._sandbox_init_pid(info_r, proc, limits)
-            if child is not None:
-                if cgroup is not None:
-                    cgroup.add(child)
+                env={**job_env(), **env})
+            for fd in (info_w, block_r, *([out_fd] if out_fd is not None else [])):
+                running.close_fd(fd)
+            running.init_pid = self._sandbox_init_pid(info_r, running.proc, limits)
+            if running.init_pid is not None:
+                if running.cgroup is not None:
+                    running.cgroup.add(running.init_pid)
                 if staging is None:  # else set by the wrapper: root may lack CAP_SYS_RESOURCE for another uid
-                    set_rlimits(child, limits)
-            kill = lambda: kill_tree(proc, child)  # noqa: E731 - binds the pids known only now
-            if copier is not None:
-                copier.start(kill)
+                    set_rlimits(running.init_pid, limits)
             os.write(block_w, b"1")  # the job starts only now, inside its cgroup and limits
-            done = communicate(proc, stdin, limits, cancel, kill=kill)
-            if copier is not None:
-                copier.finish()
-            return done
-        except OSError as exc:
-            raise SandboxError(f"could not be started ({exc})") from exc
-        finally:
-            if proc is not None and proc.poll() is None:
-                kill_tree(proc, child)
-                proc.wait()
-            if copier is not None:
-                copier.join()  # before its descriptors close
-            for fd in opened:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            if cgroup is not None:
-                cgroup.destroy()
-            if staging is not None:
-                staging.remove()
+            return running
+        except BaseException as exc:
+            running.close()
+            if isinstance(exc, OSError):
+                raise SandboxError(f"could not be started ({exc})") from exc
+            raise
 
     @staticmethod
     def _sandbox_init_pid(info_r: int, proc: subprocess.Popen[bytes], limits: Limits) -> int | None:
@@ -357,9 +359,18 @@ class Sandbox:
         elif not self.isolation.available:
             raise IsolationUnavailable(self.isolation.reason or "isolation is not available")
         cancel = threading.Event()
-        future = asyncio.get_running_loop().run_in_executor(
-            None, lambda: self.run_sync(worker_command(task), limits,
-                                        json.dumps(payload).encode(), files, cancel))
+        files = files or JobFiles()
+        worker = self.warm.take(task, payload, limits, files) if self.warm is not None and self.isolated else None
+
+        def run() -> subprocess.CompletedProcess[bytes]:
+            if worker is not None and self.warm is not None:
+                try:
+                    return self.warm.run(worker, task, payload, files, cancel)
+                except HandoffFailed:
+                    log.warning("a warm worker was gone before its task reached it; running it in a fresh job")
+            return self.run_sync(worker_command(task), limits, json.dumps(payload).encode(), files, cancel)
+
+        future = asyncio.get_running_loop().run_in_executor(None, run)
         try:
             done = await asyncio.shield(future)
         except asyncio.CancelledError:

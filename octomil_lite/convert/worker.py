@@ -2,7 +2,8 @@
 
 Only ever started by `Sandbox.run_task`, inside the job's sandbox: its inputs are read-only files under the input
 directory, its working directory is the job's scratch, and a file it produces leaves through the output file
-descriptor the parent passed. It prints one JSON object as its last stdout line.
+descriptor the parent passed. It prints one JSON object as its last stdout line. `worker --warm FAMILY ID` is a
+warm job (convert/warm.py): it imports FAMILY's frameworks first, then takes exactly one task from its socket.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from ..errors import bounded_reason
 from .job import Converted, Impossible, Unavailable, parse_job
 from .onnx_checks import check_onnx, fold_onnx, onnx_signature
 from .routes import converter_for
-from .sandbox import OUTPUT_FD_ENV, job_input
+from .sandbox import INPUT_DIR_ENV, OUTPUT_FD_ENV, SOCKET_FD_ENV, job_input
 from .weights import aggregate_weights, inspect_weights
 
 
@@ -95,28 +96,107 @@ def _send_output(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    task = sys.argv[1]
-    payload = json.loads(sys.stdin.read())
+def run_task(task: str, payload: dict[str, Any]) -> dict[str, Any]:
+    """TASK on the inputs under the job's input directory; a file it makes is named by the result's 'path'."""
     if task == "check-onnx":
-        result = check_onnx(payload)
-    elif task == "fold-onnx":
-        result = fold_onnx(payload)
-    elif task == "inspect-weights":
-        result = inspect_weights(payload)
-    elif task == "aggregate-weights":
-        result = aggregate_weights(payload)
-    elif task in ("convert", "quantize"):
+        return check_onnx(payload)
+    if task == "fold-onnx":
+        return fold_onnx(payload)
+    if task == "inspect-weights":
+        return inspect_weights(payload)
+    if task == "aggregate-weights":
+        return aggregate_weights(payload)
+    if task in ("convert", "quantize"):
         os.mkdir("out")
         files = {"src": job_input("model"), "out_dir": os.path.abspath("out")}
         if task == "quantize":
             from .quantize import quantize
 
-            result = quantize({**payload, **files})
-        else:
-            result = run_job({**payload, **files})
-    else:
-        raise SystemExit(f"unknown task {task}")
+            return quantize({**payload, **files})
+        return run_job({**payload, **files})
+    raise SystemExit(f"unknown task {task}")
+
+
+# What a warm job imports before its task arrives; a missing optional framework is the task's to report.
+PRELOADS = {
+    "onnx-check": ("onnx", "onnx.checker"),
+    "estimators": ("numpy", "onnx", "onnxruntime", "sklearn.linear_model", "sklearn.ensemble", "skl2onnx",
+                   "xgboost", "lightgbm", "onnxmltools", "octomil_lite.convert.estimators",
+                   "octomil_lite.convert.safe_pickle", "octomil_lite.convert.parity"),
+    "torch": ("numpy", "onnx", "onnxruntime", "torch", "torch.export", "torch.onnx", "octomil_lite.convert.torch"),
+    "tensorflow": ("numpy", "onnx", "onnxruntime", "tensorflow", "tf2onnx", "octomil_lite.convert.tensorflow"),
+}
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _rehearse_estimators() -> None:
+    """Convert and run a model made here (no upload): the converters' lazy imports and registries load now."""
+    try:
+        import numpy as np
+        import onnxruntime
+        from skl2onnx import to_onnx
+        from sklearn.linear_model import LogisticRegression
+
+        x = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 0.5], [1.0, 0.2]], dtype=np.float32)
+        model = LogisticRegression().fit(x, [0, 1, 0, 1])
+        onnx_model = to_onnx(model, x[:1], options={id(model): {"zipmap": False}})
+        session = onnxruntime.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session.run(None, {session.get_inputs()[0].name: x})
+    except Exception:  # noqa: BLE001 - a rehearsal only saves time; the real task reports its own failures
+        pass
+
+
+def warm_main(family: str, worker_id: str) -> None:
+    """A warm job: import FAMILY's frameworks, then wait for exactly one task and its inputs on the socket."""
+    import importlib
+    import socket
+
+    started_fds = [fd for fd in sorted(int(fd) for fd in os.listdir("/proc/self/fd")) if _is_open(fd)]
+    sock = socket.socket(fileno=int(os.environ.pop(SOCKET_FD_ENV)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for module in PRELOADS[family]:
+            try:
+                importlib.import_module(module)
+            except Exception:  # noqa: BLE001 - the task reports a missing framework with its fix
+                continue
+        if family == "estimators":
+            _rehearse_estimators()
+    sock.send(b"ready")
+    message, fds, _, _ = socket.recv_fds(sock, 1 << 20, 16)
+    sock.close()
+    if not message:
+        raise SystemExit("the server closed this warm worker")
+    request = json.loads(message)
+    inputs = Path("job-input")
+    for name, fd in zip(request["inputs"], fds, strict=False):
+        # A real file in scratch, as a fresh job's bound input is: loaders canonicalise paths (a memfd has none).
+        (inputs / name).parent.mkdir(parents=True, exist_ok=True)
+        with os.fdopen(fd, "rb") as src, open(inputs / name, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    os.environ[INPUT_DIR_ENV] = str(inputs.resolve())
+    if request["output"]:
+        os.environ[OUTPUT_FD_ENV] = str(fds[len(request["inputs"])])
+    result = _send_output(run_task(request["task"], request["payload"]))
+    # Tests read this: a warm job is never reused, and had only its socket (besides 0-2) before its task came.
+    result["worker"] = {"id": worker_id, "family": family, "fds_before_task": started_fds}
+    sys.stdout.write("\n" + json.dumps(result) + "\n")
+    sys.stdout.flush()
+    os._exit(0)  # the job is discarded: skip the interpreter's teardown of every framework it imported
+
+
+def main() -> None:
+    if sys.argv[1] == "--warm":
+        warm_main(sys.argv[2], sys.argv[3])
+        return
+    result = run_task(sys.argv[1], json.loads(sys.stdin.read()))
     sys.stdout.write("\n" + json.dumps(_send_output(result)) + "\n")
 
 

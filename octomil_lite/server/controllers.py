@@ -334,4 +334,5 @@ async def import_bundle(request: Request[Any, Any, Any], registry: NamedDependen
      description="No key needed. `conversions` maps each source format to the targets this install can produce.")
 def health(request: Request[Any, Any, Any]) -> Health:
     return Health(status="ok", version=__version__, conversions=request.app.state.conversions,
-                  isolation=request.app.state.registry.sandbox.isolation.as_dict())
+                  isolation=request.app.state.registry.sandbox.isolation.as_dict(),
+                  warm_pool=request.app.state.registry.warm_pool_status())

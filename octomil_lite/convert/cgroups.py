@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from .job_process import Limits
 
+JOB_CGROUP_PREFIX = "octomil-lite-job-"
+
 @dataclass(frozen=True)
 class Cgroups:
     """Where this process may make job cgroups: its own cgroup, per controller (v2: one directory for all)."""
@@ -24,6 +26,17 @@ class Cgroups:
     @property
     def name(self) -> str:
         return f"cgroup v{self.version}"
+
+    def sweep(self) -> int:
+        """Remove job cgroups a killed server left behind. Their jobs died with it (bwrap --die-with-parent
+        ends the PID namespace); a cgroup that still holds a process is busy, and rmdir refuses it."""
+        removed = 0
+        for root in dict.fromkeys(self.roots.values()):
+            for left in root.glob(f"{JOB_CGROUP_PREFIX}*"):
+                with contextlib.suppress(OSError):
+                    left.rmdir()
+                    removed += 1
+        return removed
 
     def limit_files(self, limits: Limits) -> dict[str, dict[str, str]]:
         """controller -> {file: value}; files this kernel lacks (swap accounting) are skipped."""
@@ -74,7 +87,7 @@ class JobCgroup:
     """One cgroup per controller for one job; every process of the job is in it, and it is removed after."""
 
     def __init__(self, cgroups: Cgroups, limits: Limits):
-        name = f"octomil-lite-job-{uuid.uuid4().hex[:12]}"
+        name = f"{JOB_CGROUP_PREFIX}{uuid.uuid4().hex[:12]}"
         self.dirs: list[Path] = []
         for root in dict.fromkeys(cgroups.roots.values()):
             (root / name).mkdir()

@@ -64,9 +64,12 @@ class Staging:
     /root: each is bound first (as root, in a private mount namespace of the job's own) onto a mount point that
     uid can reach."""
 
+    PREFIX = "octomil-job-"
+    MAX_AGE = 2 * 24 * 3600  # a leftover older than this cannot belong to a running job (timeouts are shorter)
+
     def __init__(self) -> None:
         self.uid = next_host_uid()
-        self.dir = Path(tempfile.mkdtemp(prefix="octomil-job-"))
+        self.dir = Path(tempfile.mkdtemp(prefix=self.PREFIX))
         os.chmod(self.dir, 0o711)
         self.binds: list[tuple[str, Path]] = []
 
@@ -89,6 +92,20 @@ class Staging:
                       '--clear-groups -- "$@"')
         return ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-ec", "\n".join(script), "sh",
                 *command]
+
+    @classmethod
+    def sweep(cls) -> int:
+        """Remove staging directories a killed root server left in /tmp (empty mount points on the host)."""
+        removed = 0
+        for left in Path(tempfile.gettempdir()).glob(f"{cls.PREFIX}*"):
+            with contextlib.suppress(OSError):
+                if time.time() - left.lstat().st_mtime < cls.MAX_AGE or left.is_symlink():
+                    continue
+                for point in left.iterdir():
+                    point.rmdir() if point.is_dir() and not point.is_symlink() else point.unlink()
+                left.rmdir()
+                removed += 1
+        return removed
 
     def remove(self) -> None:
         # rmdir/unlink, never rmtree: on the host these are empty mount points (the binds live in the job's namespace).

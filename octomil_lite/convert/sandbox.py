@@ -200,6 +200,9 @@ class Sandbox:
         except OSError:
             self._cgroups = None
         containment = self._cgroups.name if self._cgroups else "rlimits"
+        swept = (self._cgroups.sweep() if self._cgroups else 0) + (Staging.sweep() if os.geteuid() == 0 else 0)
+        if swept:
+            log.info("removed %d cgroup(s) and staging directories left by a killed server", swept)
         try:
             result = self.run_sync(["/bin/true"], Limits(timeout=20), stdin=b"")
         except SandboxError as exc:

@@ -8,6 +8,7 @@ warm job (convert/warm.py): it imports FAMILY's frameworks first, then takes exa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -153,6 +154,24 @@ def _rehearse_estimators() -> None:
         pass
 
 
+def _rehearse_torch() -> None:
+    """Export a module made here (no upload) with the dynamo exporter and run it: torch.onnx builds its
+    decomposition and op registries on the first export, about a second, so a warm job pays it ahead."""
+    try:
+        import onnxruntime
+        import torch
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
+        x = torch.randn(1, 4)
+        program = torch.export.export(model, (x,))
+        torch.onnx.export(program, (x,), "rehearsal.onnx", dynamo=True, external_data=False, verbose=False)
+        session = onnxruntime.InferenceSession("rehearsal.onnx", providers=["CPUExecutionProvider"])
+        session.run(None, {session.get_inputs()[0].name: x.numpy()})
+        os.remove("rehearsal.onnx")
+    except Exception:  # noqa: BLE001 - a rehearsal only saves time; the real task reports its own failures
+        pass
+
+
 def warm_main(family: str, worker_id: str) -> None:
     """A warm job: import FAMILY's frameworks, then wait for exactly one task and its inputs on the socket."""
     import importlib
@@ -169,6 +188,9 @@ def warm_main(family: str, worker_id: str) -> None:
                 continue
         if family == "estimators":
             _rehearse_estimators()
+        elif family == "torch":
+            with contextlib.redirect_stdout(sys.stderr):  # the exporter prints progress; stdout is the result's
+                _rehearse_torch()
     sock.send(b"ready")
     message, fds, _, _ = socket.recv_fds(sock, 1 << 20, 16)
     sock.close()

@@ -161,10 +161,14 @@ def _rehearse_torch() -> None:
         import onnxruntime
         import torch
 
+        from .torch import DYNAMO_OPSET, reuse_onnx_registry
+
+        reuse_onnx_registry()
         model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU())
         x = torch.randn(1, 4)
         program = torch.export.export(model, (x,))
-        torch.onnx.export(program, (x,), "rehearsal.onnx", dynamo=True, external_data=False, verbose=False)
+        torch.onnx.export(program, (x,), "rehearsal.onnx", dynamo=True, external_data=False, verbose=False,
+                          opset_version=DYNAMO_OPSET)  # the task's opset: the registry is cached per opset
         session = onnxruntime.InferenceSession("rehearsal.onnx", providers=["CPUExecutionProvider"])
         session.run(None, {session.get_inputs()[0].name: x.numpy()})
         os.remove("rehearsal.onnx")

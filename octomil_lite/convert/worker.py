@@ -113,6 +113,8 @@ def run_task(task: str, payload: dict[str, Any]) -> dict[str, Any]:
         if task == "quantize":
             from .quantize import quantize
 
+            # onnxruntime's quantizer writes a shape-inferred copy next to its input: the input must be in scratch.
+            files["src"] = shutil.copyfile(files["src"], "source.onnx")
             return quantize({**payload, **files})
         return run_job({**payload, **files})
     raise SystemExit(f"unknown task {task}")

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import resource
+import select
 import shlex
 import signal
 import subprocess
@@ -137,13 +138,20 @@ def kill_tree(proc: subprocess.Popen[bytes], init_pid: int | None) -> None:
                 os.kill(pid, signal.SIGKILL)
 
 
+OUTPUT_EOF_GRACE = 5.0  # seconds from the job's end to its output pipe's EOF
+
+
 class OutputCopier:
-    """Copies the job's output pipe into the host file, at most CAP bytes; more kills the job."""
+    """Copies the job's output pipe into the host file, at most CAP bytes; more kills the job.
+
+    A job can keep the pipe's write end alive past its own end (passed as SCM_RIGHTS into a socket the server
+    holds), so the copy never waits for EOF unbounded: `finish` and `stop` end it."""
 
     def __init__(self, pipe_r: int, out_file: int, cap: int):
         self.pipe_r, self.out_file, self.cap = pipe_r, out_file, cap
         self.error: str | None = None
         self._thread: threading.Thread | None = None
+        self._stop_r, self._stop_w = os.pipe()
 
     def start(self, kill: Any) -> None:
         self._thread = threading.Thread(target=self._copy, args=(kill,), name="job-output", daemon=True)
@@ -151,8 +159,18 @@ class OutputCopier:
 
     def _copy(self, kill: Any) -> None:
         written = 0
+        poller = select.poll()
+        poller.register(self.pipe_r, select.POLLIN)
+        poller.register(self._stop_r, select.POLLIN)
         try:
-            while chunk := os.read(self.pipe_r, 1 << 20):
+            while True:
+                if any(fd == self._stop_r for fd, _ in poller.poll()):
+                    self.error = self.error or "kept its output pipe open after it ended and was stopped"
+                    os.ftruncate(self.out_file, 0)
+                    return
+                chunk = os.read(self.pipe_r, 1 << 20)
+                if not chunk:
+                    return
                 written += len(chunk)
                 if written > self.cap:
                     self.error = f"wrote an output larger than {self.cap} bytes and was stopped"
@@ -168,14 +186,28 @@ class OutputCopier:
             with contextlib.suppress(OSError):
                 os.ftruncate(self.out_file, 0)
 
+    def stop(self) -> None:
+        """End the copy now (the job is gone): what has not reached EOF is a failed output."""
+        with contextlib.suppress(OSError):
+            os.write(self._stop_w, b"x")
+        self.join()
+
     def join(self) -> None:
         if self._thread is not None:
             self._thread.join()
 
     def finish(self) -> None:
-        self.join()
+        """Wait for the output's EOF (call once the job has ended), at most OUTPUT_EOF_GRACE seconds."""
+        if self._thread is not None:
+            self._thread.join(OUTPUT_EOF_GRACE)
+        self.stop()
         if self.error:
             raise SandboxError(self.error)
+
+    def release(self) -> None:
+        for fd in (self._stop_r, self._stop_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 class Running:
@@ -218,8 +250,13 @@ class Running:
         if self.proc is not None and self.proc.poll() is None:
             kill_tree(self.proc, self.init_pid)
             self.proc.wait()
+        if self.proc is not None:  # now, not when the Popen is collected (a traceback may keep it for long)
+            for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+                with contextlib.suppress(OSError):
+                    pipe.close() if pipe is not None else None
         if self.copier is not None:
-            self.copier.join()  # before its descriptors close
+            self.copier.stop()  # before its descriptors close; the job is gone, so no EOF is waited for
+            self.copier.release()
         for fd in self.opened:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -16,6 +16,8 @@ from pathlib import Path
 MAX_DEPTH = 64  # nested messages (graphs inside attributes inside nodes ...); protobuf's own limit is 100
 ELIDE_BYTES = 1024  # raw_data at least this long is dropped from the skeleton (its size is checked here)
 MAX_SKELETON_BYTES = 32 * 1024**2  # past this the caller checks the whole file instead
+# Every field costs the server ~2 us of Python: past this many the caller checks the whole file in a job instead.
+MAX_FIELDS = 2_000_000
 
 # message type -> {field number: message type} for the fields that can (transitively) hold a TensorProto
 _CHILDREN: dict[str, dict[int, str]] = {
@@ -31,6 +33,7 @@ _CHILDREN: dict[str, dict[int, str]] = {
 _ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16,
                   16: 2, 17: 1, 18: 1, 19: 1, 20: 1, 24: 1}
 _TENSOR_VALUE_FIELDS = {4, 5, 6, 7, 10, 11}  # float/int32/string/int64/double/uint64_data
+_HUGE = 1 << 64  # more elements than any file holds
 _RAW_DATA, _DIMS, _DATA_TYPE, _NAME, _EXTERNAL_DATA, _DATA_LOCATION = 9, 1, 2, 8, 13, 14
 
 
@@ -90,6 +93,12 @@ class _Walker:
     def __init__(self, data: mmap.mmap):
         self.data = data
         self.kept = 0  # bytes of the skeleton copied so far
+        self.fields = 0  # fields and packed numbers read so far (MAX_FIELDS)
+
+    def _count(self) -> None:
+        self.fields += 1
+        if self.fields > MAX_FIELDS:
+            raise SkeletonTooLarge
 
     def _copy(self, start: int, end: int) -> bytes:
         self.kept += end - start
@@ -101,6 +110,7 @@ class _Walker:
         pos = start
         while pos < end:
             field_start = pos
+            self._count()
             key, pos = _varint(self.data, pos, end)
             number, wire = key >> 3, key & 7
             if number == 0:
@@ -148,7 +158,9 @@ class _Walker:
         return b"".join(parts)
 
     def tensor(self, start: int, end: int) -> bytes | None:
-        dims: list[int] = []
+        # dims are not kept: their count, whether one is <= 0, and their product (capped: a product of many huge
+        # dims costs quadratic time, and its decimal form overflows int->str conversion)
+        ndims, count, nonpositive = 0, 1, False
         data_type = None
         name = b""
         raw: tuple[int, int, int] | None = None  # field start, value start, value end
@@ -158,13 +170,13 @@ class _Walker:
                 if number == _EXTERNAL_DATA or (wire == 0 and _varint(self.data, value_start, value_end)[0] != 0):
                     label = name.decode(errors="replace")[:100]
                     raise MalformedOnnx(f"tensor '{label}' references external data; upload a self-contained model")
-            elif number == _DIMS and wire == 0:
-                dims.append(_signed(_varint(self.data, value_start, value_end)[0]))
-            elif number == _DIMS and wire == 2:  # packed
+            elif number == _DIMS and wire in (0, 2):  # one, or packed
                 pos = value_start
                 while pos < value_end:
+                    self._count()
                     value, pos = _varint(self.data, pos, value_end)
-                    dims.append(_signed(value))
+                    ndims, nonpositive = ndims + 1, nonpositive or _signed(value) <= 0
+                    count = min(count * value, _HUGE)
             elif number == _DATA_TYPE and wire == 0:
                 data_type = _varint(self.data, value_start, value_end)[0]
             elif number == _NAME and wire == 2:
@@ -173,25 +185,24 @@ class _Walker:
                 raw = (field_start, value_start, value_end)
             elif number in _TENSOR_VALUE_FIELDS:
                 other_values = True
-        if raw is None or raw[2] - raw[1] < ELIDE_BYTES or other_values or data_type not in _ELEMENT_BYTES:
-            return None
-        count = 1
-        for dim in dims:
-            if dim <= 0:
-                return None  # onnx.checker judges it in the job
-            count *= dim
-        needed = count * _ELEMENT_BYTES[data_type]
-        if not dims or needed > raw[2] - raw[1]:
-            if not dims:
-                return None
+        if (raw is None or raw[2] - raw[1] < ELIDE_BYTES or other_values or data_type not in _ELEMENT_BYTES
+                or not ndims or nonpositive):
+            return None  # onnx.checker judges it in the job
+        if count * _ELEMENT_BYTES[data_type] > raw[2] - raw[1]:
             label = name.decode(errors="replace")[:100]
+            need = f"need {count * _ELEMENT_BYTES[data_type]}" if count < _HUGE else "need more than 2**64"
             raise MalformedOnnx(f"tensor '{label}' raw_data holds {raw[2] - raw[1]} bytes, but its dims and type "
-                                f"need {needed}")
+                                f"{need}")
         # The skeleton keeps every field but the dims and the payload: a 0-element tensor of the same rank and type.
         kept = bytearray()
         for number, wire, field_start, _, value_end in self._fields(start, end):
             if number != _DIMS and not (number == _RAW_DATA and wire == 2):
+                self.kept += value_end - field_start  # counted before copying: a huge doc_string stops here
+                if self.kept > MAX_SKELETON_BYTES:
+                    raise SkeletonTooLarge
                 kept += self.data[field_start:value_end]
-        kept += b"".join(_encode_varint(_DIMS << 3) + b"\x00" for _ in dims)
-        self.kept += len(kept)
+        self.kept += 2 * ndims
+        if self.kept > MAX_SKELETON_BYTES:
+            raise SkeletonTooLarge
+        kept += (_encode_varint(_DIMS << 3) + b"\x00") * ndims
         return bytes(kept)

@@ -146,6 +146,9 @@ def run_warm(worker: WarmWorker, task: str, payload: dict[str, Any], files: JobF
                             [*sent, output_pipe] if output_pipe is not None else sent)
         except OSError as exc:
             raise HandoffFailed(f"could not be handed to its warm worker ({exc})") from exc
+        # Never read again: closed now, it cannot hold descriptors the job sends back (its output pipe's write
+        # end, say, which would keep the copy below from ever seeing EOF).
+        worker.socket.close()
         if output_pipe is not None:
             running.close_fd(output_pipe)  # the job holds it now: EOF comes when the job closes it
         assert running.proc is not None

@@ -1,8 +1,9 @@
 """A server killed with SIGKILL leaves job cgroups (and, as root, staging directories) behind: the next start
-sweeps them, and never touches one that is still in use."""
+sweeps them, and never touches one that may still be in use (young, or holding a process)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 from test_security_isolation import data_dir, sandbox  # noqa: F401 - fixtures
 
-from octomil_lite.convert.cgroups import JOB_CGROUP_PREFIX
+from octomil_lite.convert.cgroups import JOB_CGROUP_PREFIX, LEFTOVER_AGE
 from octomil_lite.convert.job_process import Staging
 from octomil_lite.convert.sandbox import Sandbox
 
@@ -22,10 +23,20 @@ def test_a_start_removes_empty_job_cgroups_left_by_a_killed_server(sandbox: Sand
         pytest.skip("no writable cgroup here: jobs are limited by rlimits only")
     roots = list(dict.fromkeys(cgroups.roots.values()))
     left = [root / f"{JOB_CGROUP_PREFIX}left-by-a-killed-server" for root in roots]
-    for path in left:
+    young = [root / f"{JOB_CGROUP_PREFIX}another-servers-job-about-to-start" for root in roots]
+    stale = time.time() - LEFTOVER_AGE - 60
+    for path in left + young:
         path.mkdir()
-    sandbox.probe()
-    assert [p for p in left if p.exists()] == []
+    for path in left:
+        os.utime(path, (stale, stale))
+    try:
+        sandbox.probe()
+        assert [p for p in left if p.exists()] == []
+        assert all(p.is_dir() for p in young)
+    finally:
+        for path in left + young:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a root server stages its jobs' binds in /tmp")

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .job_process import Limits
 
 JOB_CGROUP_PREFIX = "octomil-lite-job-"
+LEFTOVER_AGE = 120  # seconds; a job enters its cgroup within 30 s of its creation
 
 @dataclass(frozen=True)
 class Cgroups:
@@ -29,11 +30,14 @@ class Cgroups:
 
     def sweep(self) -> int:
         """Remove job cgroups a killed server left behind. Their jobs died with it (bwrap --die-with-parent
-        ends the PID namespace); a cgroup that still holds a process is busy, and rmdir refuses it."""
+        ends the PID namespace); a cgroup that still holds a process is busy, and rmdir refuses it. A young one
+        may be another server's, made for a job about to enter it (at most 30 s later): it is left alone."""
         removed = 0
         for root in dict.fromkeys(self.roots.values()):
             for left in root.glob(f"{JOB_CGROUP_PREFIX}*"):
                 with contextlib.suppress(OSError):
+                    if time.time() - left.stat().st_mtime < LEFTOVER_AGE:
+                        continue
                     left.rmdir()
                     removed += 1
         return removed

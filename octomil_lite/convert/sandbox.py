@@ -112,7 +112,10 @@ class JobFiles:
 def _read_only_roots() -> tuple[Path, ...]:
     """What a job needs to run Python: system libraries, the interpreter, the environment and this package."""
     package = Path(__file__).resolve().parent.parent  # octomil_lite/ (an editable install lives outside sys.prefix)
-    interpreter = Path(sys.executable).resolve().parent.parent
+    # A frozen build's executable sits in its own unpacked directory (0755) inside a 0700 cache: bind only that,
+    # since a root server's job uid could not pass the cache directory's mode.
+    executable = Path(sys.executable).resolve()
+    interpreter = executable.parent if getattr(sys, "frozen", False) else executable.parent.parent
     roots = [Path("/usr"), Path(sys.base_prefix), Path(sys.prefix), package, interpreter]
     unique: list[Path] = []
     for root in sorted({r.resolve() for r in roots if r.exists()}, key=lambda p: len(p.parts)):

@@ -155,3 +155,15 @@ def test_serve_turns_the_pool_off_with_a_flag() -> None:
 
     help_text = CliRunner().invoke(main, ["serve", "--help"]).output
     assert "--no-warm-pool" in help_text and "--warm-pool-size" in help_text and "--warm-idle-timeout" in help_text
+
+
+def test_a_worker_taken_while_still_importing_runs_its_task(sandbox: Sandbox, onnx_file: Path) -> None:  # noqa: F811
+    # The server closes its end of the socket right after the handoff; a worker that had not said "ready" yet
+    # must still find its queued task (its "ready" then goes nowhere), not fail with a broken pipe.
+    from octomil_lite.convert.warm import run_warm, start_warm
+
+    worker = start_warm(sandbox, "estimators", "still-importing", CHECK_LIMITS)
+    assert not worker.poll_ready()  # sklearn, skl2onnx, onnxruntime... take far longer than this line
+    done = run_warm(worker, "check-onnx", {}, JobFiles({"model": onnx_file}))
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert b'"ok": true' in done.stdout and b'"still-importing"' in done.stdout

@@ -197,7 +197,8 @@ def warm_main(family: str, worker_id: str) -> None:
         elif family == "torch":
             with contextlib.redirect_stdout(sys.stderr):  # the exporter prints progress; stdout is the result's
                 _rehearse_torch()
-    sock.send(b"ready")
+    with contextlib.suppress(OSError):  # taken while importing: the task is queued, the server's end closed
+        sock.send(b"ready")
     message, fds, _, _ = socket.recv_fds(sock, 1 << 20, 16)
     sock.close()
     if not message:

@@ -199,13 +199,34 @@ async def read_blob(registry: Registry, digest: str, size: int) -> bytes:
         source.close()
 
 
+async def blob_location(registry: Registry, digest: str) -> str:
+    """Where a blob's bytes are, as `stored_blobs` lists them: its file (directory) or object key (bucket)."""
+    blobs: Any = registry.blobs
+    if hasattr(blobs, "root"):
+        return str(blobs.path(digest))
+    return str((await registry.db.object_key(digest))["key"])
+
+
 async def remove_blob(registry: Registry, digest: str) -> None:
     """Lose a blob's bytes behind the registry's back (a disk or bucket accident)."""
     blobs: Any = registry.blobs
     if hasattr(blobs, "root"):
         blobs.path(digest).unlink()
     else:
-        await blobs.delete_key((await registry.db.object_key(digest))["key"])
+        await blobs.delete_key(await blob_location(registry, digest))
+
+
+async def corrupt_blob(registry: Registry, digest: str, data: bytes) -> None:
+    """Overwrite a blob's bytes behind the registry's back: its file, or its object through the S3 API."""
+    blobs: Any = registry.blobs
+    if hasattr(blobs, "root"):
+        path = blobs.path(digest)
+        path.chmod(0o644)
+        path.write_bytes(data)
+    else:
+        import obstore
+
+        await obstore.put_async(blobs.store, blobs.object_path(await blob_location(registry, digest)), data)
 
 
 async def on_app_loop(client: AsyncTestClient[Any], fn: Callable[..., Awaitable[T]], *args: Any) -> T:

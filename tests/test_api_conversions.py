@@ -1,12 +1,15 @@
 """Issue 3, format conversion, through the API: real models are uploaded, their conversions downloaded and run.
 
-One registry (in-process, two conversion workers) takes every upload of the matrix at module start, so the
-conversions run while the test process builds the next model; each test then waits for its own cells. A real
-`octomil-lite serve` is used last, for staying responsive during a conversion and resuming jobs after a kill.
+On each storage backend (SQLite + directory, PostgreSQL + S3), one registry (in-process, two conversion workers)
+takes every upload of the matrix at module start, so the conversions run while the test process builds the next
+model and while the other backend's cells are checked; each test then waits for its own cells. A real
+`octomil-lite serve` on each backend is used last, for staying responsive during a conversion and resuming jobs
+after a kill.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import importlib.util
@@ -15,7 +18,6 @@ import json
 import os
 import pickle
 import signal
-import sqlite3
 import time
 import zipfile
 import zlib
@@ -27,18 +29,19 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import Server, bearer, make_key
+from conftest import BACKENDS, Server, bearer, make_key, storage_env, storage_urls
 from litestar.testing import TestClient
 
 from octomil_lite.config import Config
 from octomil_lite.server.app import create_app
+from octomil_lite.storage import open_metadata
 
 ROWS = np.random.RandomState(7).standard_normal((10, 6)).astype(np.float32)
 IMAGES = np.random.RandomState(3).standard_normal((2, 3, 8, 8)).astype(np.float32)
 FINAL = ("ready", "failed", "impossible", "unavailable")
 WAIT = 300.0  # bound on any one wait: a hung job fails the test instead of hanging it
-CONVERSION_WORKERS = 2
-TIMINGS: dict[str, dict[str, Any]] = {}  # cell -> what was measured, printed at the end of the module
+CONVERSION_WORKERS = 2  # per registry
+TIMINGS: dict[str, dict[str, Any]] = {}  # "backend cell" -> what was measured, printed at the end of the module
 
 
 # ---- a registry seen only through HTTP ----
@@ -199,6 +202,7 @@ class Source:
 
 @dataclass
 class Matrix:
+    backend: str
     reg: Registry
     sources: dict[str, Source]
     cells: dict[str, Cell]
@@ -426,27 +430,54 @@ class Uploader:
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Matrix]:
-    """Every source of the matrix uploaded to one registry; optional frameworks only when installed."""
-    tmp = tmp_path_factory.mktemp("conversions")
-    config = Config(data_dir=tmp / "data", rate_limit=0, conversion_workers=CONVERSION_WORKERS)
-    with TestClient(app=create_app(config), timeout=60) as client:
-        registry = client.app.state.registry
-        key = client.blocking_portal.call(registry.create_key, "conversions", "admin")
-        up = Uploader(Registry(client, key, config.data_dir), tmp)
-        up.sklearn()
-        up.hostile()
-        up.onnx()
-        if have("xgboost", "onnxmltools"):
-            up.xgboost()
-        if have("lightgbm", "onnxmltools"):
-            up.lightgbm()
+def matrices(request: pytest.FixtureRequest,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Matrix | str]]:
+    """Every source of the matrix uploaded to one registry per backend the selected tests use; optional frameworks
+    only when installed. The registries all take their uploads at module start, step by step in turn, so every
+    backend's conversions run while the next model is built and while the first backend's cells are checked.
+    A backend whose service is missing here maps to why (its cells skip; under CI=true that is a failure)."""
+    wanted = [b for b in BACKENDS if any(item.module is request.module and hasattr(item, "callspec")
+                                         and item.callspec.params.get("matrix") == b for item in request.session.items)]
+    found: dict[str, Matrix | str] = {}
+    with contextlib.ExitStack() as stack:
+        uploaders = {}
+        for backend in wanted:
+            try:
+                urls = storage_urls(request, backend)
+            except pytest.skip.Exception as missing:
+                found[backend] = missing.msg
+                continue
+            tmp = tmp_path_factory.mktemp("conversions")
+            config = Config(data_dir=tmp / "data", rate_limit=0, conversion_workers=CONVERSION_WORKERS, **urls)
+            client = stack.enter_context(TestClient(app=create_app(config), timeout=60))
+            registry = client.app.state.registry
+            key = client.blocking_portal.call(registry.create_key, "conversions", "admin")
+            uploaders[backend] = Uploader(Registry(client, key, config.data_dir), tmp)
         coreml = have("coremltools")
+        steps: list[Callable[[Uploader], None]] = [Uploader.sklearn, Uploader.hostile, Uploader.onnx]
+        if have("xgboost", "onnxmltools"):
+            steps.append(Uploader.xgboost)
+        if have("lightgbm", "onnxmltools"):
+            steps.append(Uploader.lightgbm)
         if have("torch", "onnxscript"):
-            up.torch(coreml)
+            steps.append(lambda up: up.torch(coreml))
         if have("keras", "tensorflow", "tf2onnx"):
-            up.tensorflow(coreml)
-        yield Matrix(up.reg, up.sources, up.cells, up.seen, up.tmp / "pwned")
+            steps.append(lambda up: up.tensorflow(coreml))
+        for step in steps:
+            for up in uploaders.values():
+                step(up)
+        for backend, up in uploaders.items():
+            found[backend] = Matrix(backend, up.reg, up.sources, up.cells, up.seen, up.tmp / "pwned")
+        yield found
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def matrix(request: pytest.FixtureRequest, matrices: dict[str, Matrix | str]) -> Matrix:
+    """One backend's registry with the whole matrix uploaded."""
+    found = matrices[request.param]
+    if isinstance(found, str):
+        pytest.skip(found)
+    return found
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -459,10 +490,10 @@ def _print_timings() -> None:
     if not TIMINGS:
         return
     lines = ["", "conversion through the API (seconds from upload or first download request; includes queueing "
-                 f"behind other jobs, {CONVERSION_WORKERS} workers):"]
+                 f"behind other jobs, {CONVERSION_WORKERS} workers per backend):"]
     for name, t in TIMINGS.items():
         p = t.get("parity") or {}
-        lines.append(f"  {name:<42} {t['status']:<10} {t['seconds']:7.2f} s  max_abs_diff={p.get('max_abs_diff')} "
+        lines.append(f"  {name:<55} {t['status']:<10} {t['seconds']:7.2f} s  max_abs_diff={p.get('max_abs_diff')} "
                      f"tolerance={p.get('tolerance')} within={p.get('within')}")
     print("\n".join(lines))
 
@@ -487,8 +518,9 @@ def settle(matrix: Matrix, cell: Cell) -> dict[str, Any]:
     if src is None:
         pytest.skip(f"{cell.source} was not uploaded")
     status = matrix.reg.wait(src.model_id, src.version, cell.target)
-    TIMINGS[cell.id] = {"status": status["status"], "parity": status["parity"],
-                        "seconds": time.monotonic() - src.requested_at.get(cell.target, src.requested_at["onnx"])}
+    TIMINGS[f"{matrix.backend} {cell.id}"] = {
+        "status": status["status"], "parity": status["parity"],
+        "seconds": time.monotonic() - src.requested_at.get(cell.target, src.requested_at["onnx"])}
     return status
 
 
@@ -684,9 +716,20 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def statuses(data_dir: Path) -> dict[str, str]:
-    with sqlite3.connect(f"file:{data_dir / 'registry.sqlite3'}?mode=ro", uri=True) as db:
-        return dict(db.execute("SELECT format, status FROM artifacts ORDER BY seq").fetchall())
+def statuses(config: Config, model_id: str) -> dict[str, str]:
+    """The conversion jobs of the model's version 1 as its metadata store holds them (opened here, not via HTTP)."""
+    async def read() -> dict[str, str]:
+        db = await open_metadata(config)
+        try:
+            model = await db.get_model(model_id)
+            assert model is not None, model_id
+            version = await db.get_version(model["seq"], number=1)
+            assert version is not None, model_id
+            return {a["format"]: a["status"] for a in await db.list_artifacts(version["seq"])}
+        finally:
+            await db.close()
+
+    return asyncio.run(read())
 
 
 def timed(client: httpx.Client, path: str, headers: dict[str, str]) -> float:
@@ -710,7 +753,9 @@ def measure_while_running(reg: Registry, model_id: str, seconds: float) -> list[
     return latencies
 
 
-def test_real_server_answers_during_a_conversion_and_resumes_jobs_after_a_kill(tmp_path: Path) -> None:
+@pytest.mark.backends
+def test_real_server_answers_during_a_conversion_and_resumes_jobs_after_a_kill(tmp_path: Path, backend: str,
+                                                                                config: Config) -> None:
     keras = pytest.importorskip("keras")
     pytest.importorskip("tensorflow")
     pytest.importorskip("tf2onnx")
@@ -718,9 +763,9 @@ def test_real_server_answers_during_a_conversion_and_resumes_jobs_after_a_kill(t
     kmodel = keras.Sequential([keras.Input((6,)), keras.layers.Dense(16, activation="tanh"), keras.layers.Dense(2)])
     expected = kmodel(ROWS).numpy()
     kmodel.save(tmp_path / "model.keras")
-    data_dir = tmp_path / "data"
-    key = make_key(data_dir)
-    server = Server(data_dir)
+    data_dir, env = config.data_dir, storage_env(config)
+    key = make_key(data_dir, env=env)
+    server = Server(data_dir, env=env)
     try:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             reg = Registry(client, key, data_dir)
@@ -736,11 +781,11 @@ def test_real_server_answers_during_a_conversion_and_resumes_jobs_after_a_kill(t
             latencies = measure_while_running(reg, model_id, 2.0)
             assert len(latencies) >= 8, latencies
             assert max(latencies) < 0.5, latencies
-            TIMINGS["real server: latency during conversion"] = {
+            TIMINGS[f"{backend} real server: latency during conversion"] = {
                 "status": f"n={len(latencies)}", "seconds": max(latencies), "parity": None}
             pending = reg.download(model_id, 1, "tflite")
             assert pending.status_code == 404 and int(pending.headers["retry-after"]) > 0
-            assert statuses(data_dir) == {"onnx": "running", "tflite": "pending"}
+            assert statuses(config, model_id) == {"onnx": "running", "tflite": "pending"}
             workers = children(server.proc.pid)
             assert workers, "no conversion child was running"
         server.proc.kill()  # a crash: no graceful shutdown
@@ -748,10 +793,10 @@ def test_real_server_answers_during_a_conversion_and_resumes_jobs_after_a_kill(t
         for pid in workers:  # the sandboxed child is its own session leader; stop it by its id
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-        # Durable: the jobs are in SQLite, as the dead server left them.
-        assert statuses(data_dir) == {"onnx": "running", "tflite": "pending"}
+        # Durable: the jobs are in the metadata store, as the dead server left them.
+        assert statuses(config, model_id) == {"onnx": "running", "tflite": "pending"}
 
-        server = Server(data_dir)
+        server = Server(data_dir, env=env)
         with httpx.Client(base_url=server.url, timeout=30) as client:
             reg = Registry(client, key, data_dir)
             deadline = time.monotonic() + 60
@@ -762,7 +807,7 @@ def test_real_server_answers_during_a_conversion_and_resumes_jobs_after_a_kill(t
             assert latencies and max(latencies) < 0.5, latencies
             onnx = reg.wait(model_id, 1, "onnx")
             tflite = reg.wait(model_id, 1, "tflite")
-            TIMINGS["real server: keras->onnx, resumed"] = {
+            TIMINGS[f"{backend} real server: keras->onnx, resumed"] = {
                 "status": onnx["status"], "seconds": time.monotonic() - uploaded_at, "parity": onnx["parity"]}
             assert onnx["status"] == "ready" and tflite["status"] == "ready", (onnx, tflite)
             assert onnx["parity"]["within"] is True and tflite["parity"]["within"] is True
@@ -772,7 +817,7 @@ def test_real_server_answers_during_a_conversion_and_resumes_jobs_after_a_kill(t
             got = reg.download(model_id, 1, "tflite")
             assert got.status_code == 200 and got.headers["x-model-hash"] == sha256(got.content)
             np.testing.assert_allclose(tflite_run(got.content, ROWS)[0], expected, atol=1e-4)
-        assert statuses(data_dir) == {"onnx": "ready", "tflite": "ready"}
+        assert statuses(config, model_id) == {"onnx": "ready", "tflite": "ready"}
         assert "resuming 1 conversion(s)" in server.output()
         assert leftovers(data_dir) == []
     finally:

@@ -329,9 +329,11 @@ class S3BlobStore:
         listing = await self.listing()
         checked = checked_bytes = 0
         rows = await self.db.object_rows()
+        lost: set[str] = set()
         for row in rows:
             if row["key"] not in listing:
                 problems.append(f"blob {row['digest']} is missing: no object {row['key']}")
+                lost.add(row["digest"])
                 continue
             if listing[row["key"]][0] != row["size"]:
                 problems.append(f"blob {row['digest']} has {listing[row['key']][0]} bytes, recorded {row['size']}")
@@ -348,7 +350,7 @@ class S3BlobStore:
         for ref in references:
             where = f"model {ref['model_id']} version {ref['number']} ({ref['format']})"
             found = mapped.get(ref["digest"])
-            if found is None:
+            if found is None or ref["digest"] in lost:  # unmapped, or mapped to an object that is gone
                 problems.append(f"{where} points at missing blob {ref['digest']}")
             elif found["size"] != ref["size"]:
                 problems.append(f"{where} records {ref['size']} bytes but blob {ref['digest']} has {found['size']}")

@@ -260,26 +260,20 @@ def make_file(path: Path, size: int) -> None:
         return
     with open(path, "wb") as f:
         f.write(b"\x80\x04\x95")
-        left = size - 3
-        block = os.urandom(16 * MiB)
-        i = 0
-        while left > 0:
-            n = min(left, len(block))
-            # vary each block so nothing downstream can dedupe or compress across them
-            f.write(block[:n] if i == 0 else hashlib.sha256(str(i).encode()).digest()[:16] + block[16:n])
-            left -= n
-            i += 1
-        f.flush()
-        os.fsync(f.fileno())
+        write_random(f, size - 3)
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+def write_random(f: Any, size: int) -> None:
+    """SIZE random bytes, each 16 MiB block varied so nothing downstream can dedupe or compress across them."""
+    block = os.urandom(16 * MiB)
+    i = 0
+    while size > 0:
+        n = min(size, len(block))
+        f.write(block[:n] if i == 0 else hashlib.sha256(str(i).encode()).digest()[:16] + block[16:n])
+        size -= n
+        i += 1
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def make_onnx_file(path: Path, size: int) -> None:
@@ -288,6 +282,8 @@ def make_onnx_file(path: Path, size: int) -> None:
         return
     import onnx
     from onnx import TensorProto, helper
+
+    from octomil_lite.convert.onnx_skeleton import encode_varint as _varint
 
     def layout(rows: int) -> tuple[bytes, bytes, bytes, int]:
         graph = helper.make_graph([helper.make_node("MatMul", ["X", "W"], ["Y"])], "bench",
@@ -319,16 +315,7 @@ def make_onnx_file(path: Path, size: int) -> None:
         short -= 1
     with open(path, "wb") as f:
         f.write(pad + head)
-        left = payload
-        block = os.urandom(16 * MiB)
-        i = 0
-        while left > 0:
-            n = min(left, len(block))
-            f.write(block[:n] if i == 0 else hashlib.sha256(str(i).encode()).digest()[:16] + block[16:n])
-            left -= n
-            i += 1
-        f.flush()
-        os.fsync(f.fileno())
+        write_random(f, payload)
     onnx.checker.check_model(str(path))
 
 

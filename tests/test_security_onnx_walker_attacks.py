@@ -13,15 +13,7 @@ from conftest import Api
 
 from octomil_lite.convert import onnx_skeleton
 from octomil_lite.convert.onnx_skeleton import MalformedOnnx, SkeletonTooLarge, skeleton_of
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+from octomil_lite.convert.onnx_skeleton import encode_varint as _varint
 
 
 def _field(number: int, payload: bytes) -> bytes:

@@ -76,7 +76,8 @@ def _varint(data: mmap.mmap, pos: int, end: int) -> tuple[int, int]:
             raise MalformedOnnx("a number is longer than 10 bytes")
 
 
-def _encode_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """VALUE as a protobuf varint (the tests and the bench build ONNX files with it too)."""
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)
@@ -150,7 +151,7 @@ class _Walker:
                 continue
             changed = True
             parts.append(self._copy(copied_from, field_start))
-            parts.append(_encode_varint(number << 3 | 2) + _encode_varint(len(inner)) + inner)
+            parts.append(encode_varint(number << 3 | 2) + encode_varint(len(inner)) + inner)
             copied_from = value_end
         if not changed:
             return None
@@ -204,5 +205,5 @@ class _Walker:
         self.kept += 2 * ndims
         if self.kept > MAX_SKELETON_BYTES:
             raise SkeletonTooLarge
-        kept += (_encode_varint(_DIMS << 3) + b"\x00") * ndims
+        kept += (encode_varint(_DIMS << 3) + b"\x00") * ndims
         return bytes(kept)

@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import storage
 from .aggregation import aggregate, iso, iso_now, json_or, status_of, utc_now
+from .checked_jobs import CheckWording, run_check
 from .convert import tensors
-from .convert.sandbox import CHECK_LIMITS, IsolationUnavailable, JobFiles, Limits, SandboxError
-from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError, ServiceUnavailable
+from .convert.sandbox import CHECK_LIMITS, Limits
+from .errors import BadRequest, Conflict, Forbidden, NotFound, OctomilError
 from .schemas import (
     Aggregate,
     Heartbeat,
@@ -42,6 +43,8 @@ WEIGHTS_BODY_LIMIT = MAX_UPDATE_BYTES * 4 // 3 + 1024 * 1024  # base64 inflates 
 _SIGNATURES_KEPT = 4096
 BASE = "The base version"
 _WEIGHT_KINDS = {"torch-zip": "torch", "numpy-npz": "npz"}
+_WEIGHTS_CHECK = CheckWording(unavailable="Weights files are read in an isolated job",
+                              failed="The weights could not be read", refused="The weights cannot be used")
 NOT_HOSTED = ("is not implemented by octomil-lite: it needs the hosted Octomil platform (octomil-lite "
               "aggregates plain FedAvg in one process)")
 
@@ -273,17 +276,7 @@ class Federated:
     async def sandboxed(self, task: str, payload: Row, limits: Limits, inputs: dict[str, Path],
                         output: Path | None = None) -> Row:
         """Run a weights task as an isolated job on INPUTS (bound read-only), its file result written to OUTPUT."""
-        for path in inputs.values():
-            path.chmod(0o444)  # a root server's job runs as another uid; a committed blob is 0444 anyway
-        try:
-            result = await self.registry.sandbox.run_task(task, payload, limits, JobFiles(inputs, output))
-        except IsolationUnavailable as exc:
-            raise ServiceUnavailable(f"Weights files are read in an isolated job, and {exc}.") from exc
-        except SandboxError as exc:
-            raise BadRequest(f"The weights could not be read: {exc}.") from exc
-        if not result.get("ok"):
-            raise BadRequest(f"The weights cannot be used: {result.get('reason')}.")
-        return result
+        return await run_check(self.registry.sandbox, task, payload, limits, inputs, output, _WEIGHTS_CHECK)
 
     async def submit(self, req: SubmitWeights, key: KeyInfo) -> dict[str, Any]:
         """Validate one device's update against its base version and store it (content-addressed)."""

@@ -8,11 +8,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .checked_jobs import CheckWording, run_check
 from .convert.onnx_skeleton import MalformedOnnx, SkeletonTooLarge, skeleton_of
-from .convert.sandbox import CHECK_LIMITS, IsolationUnavailable, JobFiles, Sandbox, SandboxError
-from .errors import BadRequest, ServiceUnavailable
+from .convert.sandbox import CHECK_LIMITS, Sandbox
+from .errors import BadRequest
 from .lifecycle import UploadedFile
 from .storage import BlobStore, Row, StagedBlob
+
+_ONNX_CHECK = CheckWording(unavailable="ONNX uploads are checked in an isolated job",
+                           failed="The ONNX model could not be checked", refused="The file is not a valid ONNX model")
 
 
 class OnnxUploadChecks:
@@ -55,15 +59,4 @@ class OnnxUploadChecks:
             copy.unlink(missing_ok=True)
 
     async def _job(self, task: str, payload: Row, inputs: dict[str, Path], out: Path | None = None) -> Row:
-        for path in inputs.values():
-            path.chmod(0o444)  # a root server's job runs as another uid; a committed blob is 0444 anyway
-        try:
-            result = await self.sandbox.run_task(task, payload, CHECK_LIMITS, JobFiles(inputs, out))
-        except IsolationUnavailable as exc:
-            raise ServiceUnavailable(f"ONNX uploads are checked in an isolated job, and {exc}.") from exc
-        except SandboxError as exc:
-            raise BadRequest(f"The ONNX model could not be checked: {exc}.") from exc
-        if not result.get("ok"):
-            raise BadRequest(f"The file is not a valid ONNX model: {result.get('reason')}.")
-        return result
-
+        return await run_check(self.sandbox, task, payload, CHECK_LIMITS, inputs, out, _ONNX_CHECK)

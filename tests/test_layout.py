@@ -39,7 +39,7 @@ def _wing(module: str) -> str:
     if parts[1] in ("cli", "cli_client", "cli_training", "client", "flower", "__main__"):
         return "face"
     if parts[1] in ("registry", "maintenance", "federated", "aggregation", "lifecycle", "direct_uploads",
-                    "federations", "optimize", "usage", "bundles", "transfer", "keys", "onnx_uploads"):
+                    "federations", "optimize", "usage", "bundles", "transfer", "keys", "onnx_uploads", "checked_jobs"):
         return "domain"
     return "base"
 

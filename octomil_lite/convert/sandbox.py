@@ -222,18 +222,26 @@ class Sandbox:
         args = [BWRAP, "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
                 "--uid", str(JOB_UID), "--gid", str(JOB_UID), "--hostname", "job",
                 "--info-fd", str(fds["info"]), "--block-fd", str(fds["block"]), "--seccomp", str(fds["seccomp"])]
-        for root in _read_only_roots():
+        roots = _read_only_roots()
+        # An environment installed under /tmp (a checkout in /tmp, say) is bound there: /tmp is then a small
+        # read-only tmpfs holding those binds, not the usual link to the scratch (TMPDIR still names the scratch).
+        tmp_roots = any(root.is_relative_to("/tmp") for root in roots)
+        if tmp_roots:
+            args += ["--size", "65536", "--tmpfs", "/tmp"]
+        for root in roots:
             args += ["--ro-bind", staging.source(str(root)) if staging else str(root), str(root)]
         for hidden in self.hidden:
-            if any(hidden.is_relative_to(r) for r in _read_only_roots()):
+            if any(hidden.is_relative_to(r) for r in roots):
                 args += ["--size", "4096", "--tmpfs", str(hidden), "--remount-ro", str(hidden)]
+        if tmp_roots:
+            args += ["--remount-ro", "/tmp"]
         args += _system_links()
         # A root server's job is host uid 0 outside: /proc/sys (host sysctls) must not be writable.
         args += ["--proc", "/proc", "--remount-ro", "/proc",
                  "--dev", "/dev", "--size", str(64 * 1024**2), "--perms", "1777",
                  "--tmpfs", "/dev/shm", "--remount-ro", "/dev",  # POSIX semaphores need a small /dev/shm
                  "--size", str(limits.scratch_bytes), "--perms", "1777",
-                 "--tmpfs", SCRATCH, "--symlink", SCRATCH, "/tmp"]  # /tmp is the scratch: one size limit
+                 "--tmpfs", SCRATCH, *([] if tmp_roots else ["--symlink", SCRATCH, "/tmp"])]  # one size limit
         for name, fd in fds.items():
             if name.startswith("in:") and staging:
                 args += ["--ro-bind", staging.source(str(files.inputs[name[3:]])), f"{INPUT_DIR}/{name[3:]}"]
@@ -301,7 +309,12 @@ class Sandbox:
             running.init_pid = self._sandbox_init_pid(info_r, running.proc, limits)
             if running.init_pid is not None:
                 if running.cgroup is not None:
-                    running.cgroup.add(running.init_pid)
+                    try:
+                        running.cgroup.add(running.init_pid)
+                    except ProcessLookupError:  # bwrap gave up setting the sandbox up: say why
+                        running.proc.wait(5)
+                        tail = running.proc.stderr.read().decode(errors="replace")[-300:]  # type: ignore[union-attr]
+                        raise SandboxError(f"bubblewrap failed: {tail.strip()}") from None
                 if staging is None:  # else set by the wrapper: root may lack CAP_SYS_RESOURCE for another uid
                     set_rlimits(running.init_pid, limits)
             os.write(block_w, b"1")  # the job starts only now, inside its cgroup and limits

@@ -223,18 +223,17 @@ class Sandbox:
                 "--uid", str(JOB_UID), "--gid", str(JOB_UID), "--hostname", "job",
                 "--info-fd", str(fds["info"]), "--block-fd", str(fds["block"]), "--seccomp", str(fds["seccomp"])]
         roots = _read_only_roots()
-        # An environment installed under /tmp (a checkout in /tmp, say) is bound there: /tmp is then a small
-        # read-only tmpfs holding those binds, not the usual link to the scratch (TMPDIR still names the scratch).
+        # An environment installed under /tmp (a checkout in /tmp, say) is bound there: /tmp is then a tmpfs of
+        # its own holding those binds, not the usual link to the scratch (the job-wide memory limit, which tmpfs
+        # pages count against, still bounds the two together).
         tmp_roots = any(root.is_relative_to("/tmp") for root in roots)
         if tmp_roots:
-            args += ["--size", "65536", "--tmpfs", "/tmp"]
+            args += ["--size", str(limits.scratch_bytes), "--perms", "1777", "--tmpfs", "/tmp"]
         for root in roots:
             args += ["--ro-bind", staging.source(str(root)) if staging else str(root), str(root)]
         for hidden in self.hidden:
             if any(hidden.is_relative_to(r) for r in roots):
                 args += ["--size", "4096", "--tmpfs", str(hidden), "--remount-ro", str(hidden)]
-        if tmp_roots:
-            args += ["--remount-ro", "/tmp"]
         args += _system_links()
         # A root server's job is host uid 0 outside: /proc/sys (host sysctls) must not be writable.
         args += ["--proc", "/proc", "--remount-ro", "/proc",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import select
 import time
 from pathlib import Path
 
@@ -167,3 +168,19 @@ def test_a_worker_taken_while_still_importing_runs_its_task(sandbox: Sandbox, on
     done = run_warm(worker, "check-onnx", {}, JobFiles({"model": onnx_file}))
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert b'"ok": true' in done.stdout and b'"still-importing"' in done.stdout
+
+
+def test_a_handoff_to_a_dead_worker_leaves_the_output_path_free_for_the_fresh_job(
+        sandbox: Sandbox, onnx_file: Path, tmp_path: Path) -> None:  # noqa: F811
+    from octomil_lite.convert.job_process import HandoffFailed
+    from octomil_lite.convert.warm import run_warm, start_warm
+
+    worker = start_warm(sandbox, "onnx-check", "dies-before-its-task", CHECK_LIMITS)
+    worker.running.kill()
+    poller = select.poll()
+    poller.register(worker.socket, select.POLLHUP)
+    assert poller.poll(10_000), "the killed worker's end of the socket did not close"
+    output = tmp_path / "folded.onnx"
+    with pytest.raises(HandoffFailed):
+        run_warm(worker, "check-onnx", {}, JobFiles({"model": onnx_file}, output))
+    assert not output.exists()  # else the fresh job run instead could not create it (O_EXCL)

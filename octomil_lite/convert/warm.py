@@ -78,7 +78,7 @@ class WarmWorker:
         return self.ready
 
     def memory_bytes(self) -> int:
-        """What the job holds now: its cgroup's charge, else the resident size of its processes."""
+        """What the job holds now: its cgroup's charge (0 where jobs have no cgroup)."""
         cgroup = self.running.cgroup
         if cgroup is not None:
             for path in cgroup.dirs:
@@ -145,6 +145,8 @@ def run_warm(worker: WarmWorker, task: str, payload: dict[str, Any], files: JobF
             socket.send_fds(worker.socket, [json.dumps(request).encode()],
                             [*sent, output_pipe] if output_pipe is not None else sent)
         except OSError as exc:
+            if files.output is not None:  # made by send_output_to above: the fresh job that runs instead makes it
+                files.output.unlink(missing_ok=True)
             raise HandoffFailed(f"could not be handed to its warm worker ({exc})") from exc
         # Never read again: closed now, it cannot hold descriptors the job sends back (its output pipe's write
         # end, say, which would keep the copy below from ever seeing EOF).

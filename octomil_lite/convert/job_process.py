@@ -228,7 +228,7 @@ class Running:
 
     def send_output_to(self, path: Path, cap: int) -> int:
         """The write end of a pipe copied into a new file at PATH (at most CAP bytes), for the job to write; the
-        job never holds the file itself (it could fchmod it or reopen it read-write). Call once it runs."""
+        job never holds the file itself (it could fchmod it or reopen it read-write)."""
         out_file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self.opened.append(out_file)
         pipe_r, pipe_w = os.pipe()
@@ -252,8 +252,9 @@ class Running:
             self.proc.wait()
         if self.proc is not None:  # now, not when the Popen is collected (a traceback may keep it for long)
             for pipe in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
-                with contextlib.suppress(OSError):
-                    pipe.close() if pipe is not None else None
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
         if self.copier is not None:
             self.copier.stop()  # before its descriptors close; the job is gone, so no EOF is waited for
             self.copier.release()

@@ -57,7 +57,7 @@ log = logging.getLogger("octomil_lite.sandbox")
 JOB_UID = 65534  # "nobody" inside the job's user namespace
 SCRATCH = "/scratch"
 INPUT_DIR = "/job"
-INPUT_DIR_ENV = "OCTOMIL_JOB_INPUT_DIR"  # set only for unisolated jobs, whose inputs are links in a temporary dir
+INPUT_DIR_ENV = "OCTOMIL_JOB_INPUT_DIR"  # set where inputs are not under /job: unisolated and warm jobs
 OUTPUT_FD_ENV = "OCTOMIL_JOB_OUT_FD"
 SOCKET_FD_ENV = "OCTOMIL_JOB_SOCKET_FD"  # a warm job's end of the socket its one task and inputs arrive on
 BWRAP = "bwrap"
@@ -159,6 +159,13 @@ def worker_command(task: str) -> list[str]:
     if getattr(sys, "frozen", False):
         return [sys.executable, "__worker__", task]
     return [sys.executable, "-I", "-m", "octomil_lite.convert.worker", task]
+
+
+def _bwrap_failed(proc: subprocess.Popen[bytes]) -> SandboxError:
+    """bwrap exited before the job ran: its own last words are the reason."""
+    proc.wait(5)
+    tail = proc.stderr.read().decode(errors="replace")[-300:]  # type: ignore[union-attr]
+    return SandboxError(f"bubblewrap failed: {tail.strip()}")
 
 
 class Sandbox:
@@ -311,9 +318,7 @@ class Sandbox:
                     try:
                         running.cgroup.add(running.init_pid)
                     except ProcessLookupError:  # bwrap gave up setting the sandbox up: say why
-                        running.proc.wait(5)
-                        tail = running.proc.stderr.read().decode(errors="replace")[-300:]  # type: ignore[union-attr]
-                        raise SandboxError(f"bubblewrap failed: {tail.strip()}") from None
+                        raise _bwrap_failed(running.proc) from None
                 if staging is None:  # else set by the wrapper: root may lack CAP_SYS_RESOURCE for another uid
                     set_rlimits(running.init_pid, limits)
             os.write(block_w, b"1")  # the job starts only now, inside its cgroup and limits
@@ -335,9 +340,7 @@ class Sandbox:
                 break
             data += chunk
         if b"}" not in data:
-            proc.wait(5)
-            raise SandboxError(f"bubblewrap failed: {proc.stderr.read().decode(errors='replace')[-300:]}"  # type: ignore[union-attr]
-                               .strip())
+            raise _bwrap_failed(proc)
         return int(json.loads(data[: data.index(b"}") + 1])["child-pid"])
 
     def _run_unsafe(self, argv: list[str], limits: Limits, stdin: bytes, files: JobFiles,

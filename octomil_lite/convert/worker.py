@@ -157,8 +157,8 @@ def _rehearse_estimators() -> None:
 
 
 def _rehearse_torch() -> None:
-    """Export a module made here (no upload) with the dynamo exporter and run it: torch.onnx builds its
-    decomposition and op registries on the first export, about a second, so a warm job pays it ahead."""
+    """Export a module made here (no upload) with the dynamo exporter and run it, with the exporter's torchlib
+    registry kept for the task's export (reuse_onnx_registry); the first export's other lazy setup is paid too."""
     try:
         import onnxruntime
         import torch
